@@ -1,0 +1,86 @@
+// The C++ API: typed calls into the dispatcher, and scan/step built on them.
+#include "aaren/aaren.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+
+namespace aaren {
+namespace ops {
+
+using Tensor = at::Tensor;
+using OptionalTensor = std::optional<at::Tensor>;
+
+std::tuple<Tensor, Tensor> scan_forward(const Tensor& scores, const Tensor& values,
+                                        const OptionalTensor& state_lse,
+                                        const OptionalTensor& state_out) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("aaren::scan_forward", "")
+                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                               const OptionalTensor&,
+                                                               const OptionalTensor&)>();
+  return op.call(scores, values, state_lse, state_out);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> scan_backward(
+    const OptionalTensor& grad_out, const OptionalTensor& grad_lse, const Tensor& scores,
+    const Tensor& values, const Tensor& out, const Tensor& lse, const OptionalTensor& state_lse,
+    const OptionalTensor& state_out) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("aaren::scan_backward", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+              const OptionalTensor&, const OptionalTensor&, const Tensor&, const Tensor&,
+              const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&)>();
+  return op.call(grad_out, grad_lse, scores, values, out, lse, state_lse, state_out);
+}
+
+std::tuple<Tensor, Tensor> step(const Tensor& score, const Tensor& value,
+                                const OptionalTensor& state_lse, const OptionalTensor& state_out) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("aaren::step", "")
+                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                               const OptionalTensor&,
+                                                               const OptionalTensor&)>();
+  return op.call(score, value, state_lse, state_out);
+}
+
+}  // namespace ops
+
+namespace {
+std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> unpack(const std::optional<State>& state) {
+  if (!state.has_value()) {
+    return {std::nullopt, std::nullopt};
+  }
+  return {state->lse, state->out};
+}
+}  // namespace
+
+State empty_state(int64_t batch, int64_t heads, int64_t head_dim,
+                  const at::TensorOptions& values_options) {
+  const auto lse_dtype = values_options.dtype() == at::kDouble ? at::kDouble : at::kFloat;
+  return {at::full({batch, heads}, -std::numeric_limits<double>::infinity(),
+                   values_options.dtype(lse_dtype)),
+          at::zeros({batch, heads, head_dim}, values_options)};
+}
+
+std::pair<at::Tensor, State> scan(const at::Tensor& scores, const at::Tensor& values,
+                                  const std::optional<State>& state) {
+  const auto [state_lse, state_out] = unpack(state);
+  auto [out, lse] = ops::scan_forward(scores, values, state_lse, state_out);
+  if (values.size(1) == 0) {  // an empty sequence leaves the state as it was
+    return {out, state.has_value()
+                     ? *state
+                     : empty_state(values.size(0), values.size(2), values.size(3), values.options())};
+  }
+  return {out, State{lse.select(1, -1), out.select(1, -1)}};
+}
+
+std::pair<at::Tensor, State> step(const at::Tensor& score, const at::Tensor& value,
+                                  const std::optional<State>& state) {
+  const auto [state_lse, state_out] = unpack(state);
+  auto [out, lse] = ops::step(score, value, state_lse, state_out);
+  return {out, State{lse, out}};
+}
+
+}  // namespace aaren
