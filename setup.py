@@ -9,6 +9,7 @@ architectures, default "8.0;9.0+PTX"), AAREN_CUDA (ON, OFF or AUTO), AAREN_BUILD
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,10 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        package_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        # An editable install (pip install -e) runs from python/aaren: install there.
+        editable = getattr(self, "editable_mode", False) or self.inplace
+        package_dir = ROOT / "python" / "aaren" if editable else ext_path.parent
         configure = [
             "cmake", "-S", str(ROOT), "-B", str(BUILD_DIR), "-G", "Ninja",
             "-DCMAKE_BUILD_TYPE=Release",
@@ -46,6 +50,9 @@ class CMakeBuild(build_ext):
         subprocess.check_call(configure)
         subprocess.check_call(["cmake", "--build", str(BUILD_DIR), "--parallel", jobs])
         subprocess.check_call(["cmake", "--install", str(BUILD_DIR)])
+        if editable and ext_path.parent != package_dir:  # setuptools copies it from here
+            ext_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(package_dir / ext_path.name, ext_path)
 
 
 setup(

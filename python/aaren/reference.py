@@ -11,7 +11,7 @@ def hillis_steele_scan(scores: Tensor, values: Tensor) -> Tensor:
     """
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
     lse = scores.to(acc).unsqueeze(-1)  # [B, N, H, 1]
-    out = values.to(acc)
+    out = torch.where(lse == float("-inf"), 0.0, values.to(acc))  # a masked token alone: 0
     n = values.size(1)
     offset = 1
     while offset < n:

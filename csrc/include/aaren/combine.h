@@ -59,4 +59,67 @@ AAREN_HOST_DEVICE CombineWeights<T> combine_weights(T lse_a, T lse_b) {
   return {lse, exp_of_difference(lse_a, lse), exp_of_difference(lse_b, lse)};
 }
 
+// ---- Streaming forms, for the sequential pass over tokens ---------------------
+// The (lse, out) recurrence rounds lse at every token, and since out is renormalized
+// with exp(L_{k-1} - L_k) the rounding drifts over long sequences. The kernels instead
+// run FlashAttention's online softmax: (max m, denominator u = sum e^(s_i - m),
+// numerator w = sum e^(s_i - m) v_i), rescaled only when the maximum rises, so that
+// adding a token is a plain sum; out = w / u and lse = m + log u per token.
+
+// Weights for a running (m, u, w) taking in a token with score s:
+//   u <- weight_old * u + weight_new,  w <- weight_old * w + weight_new * v.
+// Updates m. One of the two weights is exactly 1 unless both are 0 (all masked).
+template <typename T>
+struct RescaleWeights {
+  T weight_old;
+  T weight_new;
+};
+
+template <typename T>
+AAREN_HOST_DEVICE RescaleWeights<T> add_score(T& running_max, T score) {
+  if (score != score) {  // NaN in, NaN out
+    running_max = score;
+    return {score, score};
+  }
+  const T new_max = score > running_max ? score : running_max;
+  const RescaleWeights<T> weights{exp_of_difference(running_max, new_max),
+                                  exp_of_difference(score, new_max)};
+  running_max = new_max;
+  return weights;
+}
+
+// lse = m + log u, with u = 0 (nothing seen) meaning -inf.
+template <typename T>
+AAREN_HOST_DEVICE T lse_of(T running_max, T denominator) {
+  return denominator == T(0) ? negative_infinity<T>() : running_max + std::log(denominator);
+}
+
+// 1/u, or 0 while nothing has been seen (so out = 0, never 0/0).
+template <typename T>
+AAREN_HOST_DEVICE T reciprocal_or_zero(T denominator) {
+  return denominator == T(0) ? T(0) : T(1) / denominator;
+}
+
+// The backward sums run from the last token back: R_i = sum_{j>=i} e^(L_i - L_j) g_j and
+// the like. They are kept as S = sum_{j>=i} e^(r - L_j) g_j against a reference r >= L_j,
+// so that R_i = e^(L_i - r) S without a product of per-token gates. Going back, L falls;
+// once r - L_i exceeds this gap the reference is lowered to L_i and the sums rescaled,
+// so e^(r - L_j) stays below e^gap (far from overflow in float32).
+template <typename T>
+AAREN_HOST_DEVICE T rescale_gap() {
+  return T(32);
+}
+
+// Lowers `reference` to `lse` if the gap is exceeded; returns the factor the sums
+// must be multiplied by (1 when nothing changed).
+template <typename T>
+AAREN_HOST_DEVICE T lower_reference(T& reference, T lse) {
+  if (reference - lse <= rescale_gap<T>()) {
+    return T(1);
+  }
+  const T factor = std::exp(lse - reference);
+  reference = lse;
+  return factor;
+}
+
 }  // namespace aaren

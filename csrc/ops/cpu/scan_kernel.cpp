@@ -104,18 +104,23 @@ void forward_typed(const ForwardArgs& args) {
   const scalar_t* state_out = has_state ? args.state_out->const_data_ptr<scalar_t>() : nullptr;
 
   at::parallel_for(0, batch * heads, grain_size(length, head_dim), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(padded(head_dim, IO::width));
+    std::vector<acc_t> numerator(padded(head_dim, IO::width));
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads;
       const int64_t h = bh % heads;
-      acc_t running_lse = negative_infinity<acc_t>();
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+      // Online softmax (see combine.h): the state (L0, o0) is (max L0, denominator 1, numerator o0).
+      acc_t running_max = negative_infinity<acc_t>();
+      acc_t denominator = 0;
+      std::fill(numerator.begin(), numerator.end(), acc_t(0));
       if (has_state) {
-        running_lse = state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
-        const scalar_t* row =
-            state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
-        for (int64_t d = 0; d < head_dim; ++d) {
-          acc[d] = static_cast<acc_t>(row[d]);
+        running_max = state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
+        if (running_max != negative_infinity<acc_t>()) {
+          denominator = 1;
+          const scalar_t* row =
+              state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
+          for (int64_t d = 0; d < head_dim; ++d) {
+            numerator[d] = static_cast<acc_t>(row[d]);
+          }
         }
       }
       const scalar_t* score_ptr = scores + b * s_strides[0] + h * s_strides[2];
@@ -124,11 +129,12 @@ void forward_typed(const ForwardArgs& args) {
       acc_t* lse_ptr = lse + b * length * heads + h;
 
       for (int64_t n = 0; n < length; ++n) {
-        const auto w = combine_weights(running_lse, static_cast<acc_t>(score_ptr[n * s_strides[1]]));
-        running_lse = w.lse;
-        lse_ptr[n * lse_n] = w.lse;
-        const AccVec weight_a(w.weight_a);
-        const AccVec weight_b(w.weight_b);
+        const auto w = add_score(running_max, static_cast<acc_t>(score_ptr[n * s_strides[1]]));
+        denominator = w.weight_old * denominator + w.weight_new;
+        lse_ptr[n * lse_n] = lse_of(running_max, denominator);
+        const AccVec weight_old(w.weight_old);
+        const AccVec weight_new(w.weight_new);
+        const AccVec inverse(reciprocal_or_zero(denominator));
         const scalar_t* v_row = value_ptr + n * v_strides[1];
         scalar_t* o_row = out_ptr + n * out_n;
         for (int64_t d = 0; d < head_dim; d += IO::width) {
@@ -137,9 +143,10 @@ void forward_typed(const ForwardArgs& args) {
           AccVec o[IO::parts];
           IO::load(v_row + d, count, v);
           for (int p = 0; p < IO::parts; ++p) {
-            acc_t* a = acc.data() + d + p * acc_width;
-            o[p] = at::vec::fmadd(weight_a, AccVec::loadu(a), weight_b * v[p]);
-            o[p].store(a);
+            acc_t* w_ptr = numerator.data() + d + p * acc_width;
+            const AccVec updated = at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]);
+            updated.store(w_ptr);
+            o[p] = updated * inverse;
           }
           IO::store(o_row + d, count, o);
         }
@@ -149,11 +156,12 @@ void forward_typed(const ForwardArgs& args) {
 }
 
 // The reverse recurrences of the design page, per sequence, from the last token back:
-//   a_i = exp(L_i - L_{i+1}) (a_N = 0),  R_i = g_i + a_i R_{i+1},
-//   rho_i = (g_i . o_i - G_i) + a_i rho_{i+1},
-//   dv_i = exp(s_i - L_i) R_i,  ds_i = exp(s_i - L_i) (v_i . R_i - rho_i),
-// and for the initial state (a token before the first): f = exp(L_0 - L_1),
-//   dL_0 = f (o_0 . R_1 - rho_1),  do_0 = f R_1.
+//   R_i = g_i + a_i R_{i+1},  rho_i = (g_i . o_i - G_i) + a_i rho_{i+1},  a_i = e^(L_i - L_{i+1}),
+//   dv_i = e^(s_i - L_i) R_i,  ds_i = e^(s_i - L_i) (v_i . R_i - rho_i),
+// and for the initial state (a token before the first): dL_0 = f (o_0 . R_1 - rho_1),
+// do_0 = f R_1 with f = e^(L_0 - L_1). Unrolled, R_i = sum_{j>=i} e^(L_i - L_j) g_j: the
+// kernel keeps S = sum e^(r - L_j) g_j and P = sum e^(r - L_j) (g_j . o_j - G_j) against a
+// reference r (combine.h), so dv_i = e^(s_i - r) S and ds_i = e^(s_i - r) (v_i . S - P).
 template <typename scalar_t>
 void backward_typed(const BackwardArgs& args) {
   using IO = VecIO<scalar_t>;
@@ -198,13 +206,12 @@ void backward_typed(const BackwardArgs& args) {
   scalar_t* grad_state_out = args.grad_state_out.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, batch * heads, grain_size(length, head_dim), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> carry(row_width);  // R_{i+1}
+    std::vector<acc_t> sum_g(row_width);  // S
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads;
       const int64_t h = bh % heads;
-      std::fill(carry.begin(), carry.end(), acc_t(0));
-      acc_t rho = 0;
-      acc_t next_lse = 0;  // L_{i+1}; unused at the last token, where a = 0
+      std::fill(sum_g.begin(), sum_g.end(), acc_t(0));
+      acc_t sum_rho = 0;  // P
 
       const scalar_t* score_ptr = scores + b * s_strides[0] + h * s_strides[2];
       const scalar_t* value_ptr = values + b * v_strides[0] + h * v_strides[2];
@@ -213,15 +220,27 @@ void backward_typed(const BackwardArgs& args) {
       const scalar_t* g_ptr = grad_out + b * g_stride_b + h * g_stride_h;
       const acc_t* G_ptr = grad_lse + b * G_stride_b + h * G_stride_h;
       scalar_t* ds_ptr = grad_scores + b * length * heads + h;
+      acc_t reference = length > 0 ? lse_ptr[(length - 1) * heads] : acc_t(0);
 
-      for (int64_t n = length - 1; n >= 0; --n) {
+      int64_t n = length - 1;
+      for (; n >= 0; --n) {
         const acc_t lse_n = lse_ptr[n * heads];
-        const acc_t a = n == length - 1 ? acc_t(0) : exp_of_difference(lse_n, next_lse);
-        const acc_t e = exp_of_difference(static_cast<acc_t>(score_ptr[n * s_strides[1]]), lse_n);
-        const AccVec a_vec(a);
+        if (lse_n == negative_infinity<acc_t>()) {
+          break;  // everything up to here is masked: gradients are exactly zero
+        }
+        const acc_t factor = lower_reference(reference, lse_n);
+        if (factor != acc_t(1)) {
+          for (auto& x : sum_g) {
+            x *= factor;
+          }
+          sum_rho *= factor;
+        }
+        const acc_t w = std::exp(reference - lse_n);  // <= e^gap
+        const AccVec weight(w);
+        const acc_t e = exp_of_difference(static_cast<acc_t>(score_ptr[n * s_strides[1]]), reference);
         const AccVec e_vec(e);
         AccVec g_dot_o(0);
-        AccVec v_dot_r(0);
+        AccVec v_dot_s(0);
         const scalar_t* g_row = g_ptr + n * g_stride_n;
         const scalar_t* o_row = out + out_offset + n * heads * head_dim;
         const scalar_t* v_row = value_ptr + n * v_strides[1];
@@ -233,38 +252,41 @@ void backward_typed(const BackwardArgs& args) {
           IO::load(o_row + d, count, o);
           IO::load(v_row + d, count, v);
           for (int p = 0; p < IO::parts; ++p) {
-            acc_t* r_ptr = carry.data() + d + p * acc_width;
-            const AccVec r = at::vec::fmadd(a_vec, AccVec::loadu(r_ptr), g[p]);
-            r.store(r_ptr);
+            acc_t* s_ptr = sum_g.data() + d + p * acc_width;
+            const AccVec updated = at::vec::fmadd(weight, g[p], AccVec::loadu(s_ptr));
+            updated.store(s_ptr);
             g_dot_o = at::vec::fmadd(g[p], o[p], g_dot_o);
-            v_dot_r = at::vec::fmadd(v[p], r, v_dot_r);
-            dv[p] = e_vec * r;
+            v_dot_s = at::vec::fmadd(v[p], updated, v_dot_s);
+            dv[p] = e_vec * updated;
           }
           IO::store(dv_row + d, count, dv);
         }
         const auto sum = [](const AccVec& x) {
           return at::vec::vec_reduce_all<acc_t>([](const AccVec& p, const AccVec& q) { return p + q; }, x);
         };
-        rho = (sum(g_dot_o) - G_ptr[n * G_stride_n]) + a * rho;
-        ds_ptr[n * heads] = static_cast<scalar_t>(e * (sum(v_dot_r) - rho));
-        next_lse = lse_n;
+        sum_rho += w * (sum(g_dot_o) - G_ptr[n * G_stride_n]);
+        ds_ptr[n * heads] = static_cast<scalar_t>(e * (sum(v_dot_s) - sum_rho));
+      }
+      for (; n >= 0; --n) {  // the masked prefix
+        ds_ptr[n * heads] = scalar_t(0);
+        std::fill_n(grad_values + out_offset + n * heads * head_dim, head_dim, scalar_t(0));
       }
 
-      // The initial state as a token before the first; f = 0 for the empty state.
+      // The initial state as a token before the first: f R_1 = e^(L_0 - r) S.
       const acc_t lse_0 = has_state
           ? state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)]
           : negative_infinity<acc_t>();
-      const acc_t f = length == 0 ? acc_t(0) : exp_of_difference(lse_0, lse_ptr[0]);
+      const acc_t f = length == 0 ? acc_t(0) : exp_of_difference(lse_0, reference);
       const scalar_t* o0_row = has_state
           ? state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1)
           : zero_row.data();
       scalar_t* do0_row = grad_state_out + (b * heads + h) * head_dim;
-      acc_t o0_dot_r = 0;
+      acc_t o0_dot_s = 0;
       for (int64_t d = 0; d < head_dim; ++d) {
-        o0_dot_r += static_cast<acc_t>(o0_row[d]) * carry[d];
-        do0_row[d] = static_cast<scalar_t>(f * carry[d]);
+        o0_dot_s += static_cast<acc_t>(o0_row[d]) * sum_g[d];
+        do0_row[d] = static_cast<scalar_t>(f * sum_g[d]);
       }
-      grad_state_lse[b * heads + h] = f * (o0_dot_r - rho);
+      grad_state_lse[b * heads + h] = f * (o0_dot_s - sum_rho);
     }
   });
 }
