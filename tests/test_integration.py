@@ -1,0 +1,174 @@
+"""The operators in the rest of PyTorch: opcheck, torch.compile, torch.export, TorchScript,
+the build report and the torch version guard."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import aaren
+from aaren._library import check_torch_version
+from naive import reference_scan
+
+
+def sample_inputs(device, dtype=torch.float32, N=6, with_state=True, requires_grad=False):
+    B, H, D = 2, 3, 5
+    scores = torch.randn(B, N, H, device=device, dtype=dtype)
+    values = torch.randn(B, N, H, D, device=device, dtype=dtype)
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    lse0 = torch.randn(B, H, device=device, dtype=lse_dtype)
+    out0 = torch.randn(B, H, D, device=device, dtype=dtype)
+    tensors = [scores, values] + ([lse0, out0] if with_state else [None, None])
+    return [t.requires_grad_(requires_grad) if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_scan_forward(device, dtype, with_state, requires_grad):
+    args = sample_inputs(device, dtype, with_state=with_state, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.aaren.scan_forward.default, args)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_step(device, with_state, requires_grad):
+    scores, values, lse0, out0 = sample_inputs(device, with_state=with_state, requires_grad=requires_grad)
+    args = [scores[:, 0].detach().requires_grad_(requires_grad),
+            values[:, 0].detach().requires_grad_(requires_grad), lse0, out0]
+    torch.library.opcheck(torch.ops.aaren.step.default, args)
+
+
+@pytest.mark.parametrize("with_grads", [(True, True), (True, False), (False, True)])
+def test_opcheck_scan_backward(device, with_grads):
+    scores, values, lse0, out0 = sample_inputs(device)
+    out, lse = torch.ops.aaren.scan_forward(scores, values, lse0, out0)
+    grad_out = torch.randn_like(out) if with_grads[0] else None
+    grad_lse = torch.randn_like(lse) if with_grads[1] else None
+    torch.library.opcheck(torch.ops.aaren.scan_backward.default,
+                          [grad_out, grad_lse, scores, values, out, lse, lse0, out0])
+
+
+def scan_then_reduce(scores, values, lse0, out0):
+    out, (lse, last) = aaren.scan(scores, values, (lse0, out0))
+    return out.sin().sum() + lse.sum() + last.sum()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_forward_and_backward(device, dynamic):
+    torch._dynamo.reset()
+    compiled = torch.compile(scan_then_reduce, fullgraph=True, dynamic=dynamic)
+    for N in (5, 9):
+        eager_inputs = sample_inputs(device, N=N, requires_grad=True)
+        compiled_inputs = [t.detach().clone().requires_grad_() for t in eager_inputs]
+        expected = scan_then_reduce(*eager_inputs)
+        expected.backward()
+        got = compiled(*compiled_inputs)
+        got.backward()
+        torch.testing.assert_close(got, expected)
+        for a, b in zip(compiled_inputs, eager_inputs):
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_compile_step_fullgraph(device):
+    torch._dynamo.reset()
+
+    def stream(scores, values):
+        state = None
+        outs = []
+        for n in range(scores.size(1)):
+            y, state = aaren.step(scores[:, n], values[:, n], state)
+            outs.append(y)
+        return torch.stack(outs, 1)
+
+    scores, values, _, _ = sample_inputs(device, with_state=False)
+    torch.testing.assert_close(torch.compile(stream, fullgraph=True)(scores, values), stream(scores, values))
+
+
+class ScanModule(torch.nn.Module):
+    def forward(self, scores, values, lse0, out0):
+        out, (lse, last) = aaren.scan(scores, values, (lse0, out0))
+        return out, lse, last
+
+
+def test_export_with_dynamic_sequence_length(device):
+    inputs = sample_inputs(device, N=6)
+    length = torch.export.Dim("length", min=2)
+    exported = torch.export.export(ScanModule(), tuple(inputs),
+                                   dynamic_shapes=({1: length}, {1: length}, None, None))
+    assert any("aaren.scan_forward" in str(node.target) for node in exported.graph.nodes)
+    longer = sample_inputs(device, N=11)
+    for got, want in zip(exported.module()(*longer), ScanModule()(*longer)):
+        torch.testing.assert_close(got, want)
+
+
+@torch.jit.script
+def scripted_scan_and_step(scores: torch.Tensor, values: torch.Tensor):
+    out, state = aaren.scan(scores[:, :-1], values[:, :-1])
+    last, state = aaren.step(scores[:, -1], values[:, -1], state)
+    return out, last, state[0]
+
+
+def test_torchscript_function_saved_and_loaded(device, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scores, values, _, _ = sample_inputs(device, dtype=torch.float64, with_state=False)
+        expected, _ = reference_scan(scores, values)
+
+        class Wrapper(torch.nn.Module):
+            def forward(self, scores, values):
+                return scripted_scan_and_step(scores, values)
+
+        path = tmp_path / "scan.pt"
+        torch.jit.script(Wrapper()).save(str(path))
+        loaded = torch.jit.load(str(path))
+        out, last, lse = loaded(scores, values)
+        torch.testing.assert_close(out, expected[:, :-1])
+        torch.testing.assert_close(last, expected[:, -1])
+        torch.testing.assert_close(lse, torch.logsumexp(scores, dim=1))
+        # Autograd through the loaded model (the C++ autograd kernel).
+        scores.requires_grad_()
+        loaded(scores, values)[1].sum().backward()
+        assert scores.grad is not None and torch.isfinite(scores.grad).all()
+
+
+def test_build_report():
+    info = aaren.build_info()
+    assert info["version"] == aaren.__version__
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    assert info["openmp"] is True, "at::parallel_for must really run in parallel"
+    assert info["cpu_isa_selected"] in info["cpu_isas_compiled"].split(",")
+    report = subprocess.run([sys.executable, "-m", "aaren", "--json"], check=True,
+                            capture_output=True, text=True)
+    assert json.loads(report.stdout)["version"] == aaren.__version__
+    prefix = subprocess.run([sys.executable, "-m", "aaren", "--cmake-prefix-path"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    assert os.path.isfile(os.path.join(prefix, "share", "cmake", "aaren", "aarenConfig.cmake"))
+
+
+def test_parallel_kernels_use_every_thread_setting():
+    """The same result with one thread as with several (the work split must not matter)."""
+    scores, values, _, _ = sample_inputs("cpu", dtype=torch.float64, N=50, with_state=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = aaren.scan(scores, values)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, aaren.scan(scores, values)[0])
+
+
+def test_torch_version_guard():
+    check_torch_version("2.15.0", "2.15.1+cu132")
+    with pytest.raises(ImportError, match="compiled against PyTorch 2.15.0, but PyTorch 2.16.0 is installed"):
+        check_torch_version("2.15.0", "2.16.0")
+
+
+def test_import_refuses_other_torch(tmp_path):
+    script = ("import torch; torch.__version__ = '9.9.0'\n"
+              "try:\n    import aaren\nexcept ImportError as e:\n    print('refused:', e)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "refused: aaren was compiled against PyTorch" in result.stdout
