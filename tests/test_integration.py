@@ -172,3 +172,35 @@ def test_import_refuses_other_torch(tmp_path):
               "try:\n    import aaren\nexcept ImportError as e:\n    print('refused:', e)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "refused: aaren was compiled against PyTorch" in result.stdout
+
+
+def test_into_forms_write_into_given_buffers(device):
+    scores, values, lse0, out0 = sample_inputs(device)
+    out, lse = torch.empty_like(values), torch.empty_like(scores)
+    assert torch.ops.aaren.scan_forward_into(scores, values, lse0, out0, out, lse) is None
+    expected_out, expected_lse = torch.ops.aaren.scan_forward(scores, values, lse0, out0)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    torch.library.opcheck(torch.ops.aaren.scan_forward_into.default,
+                          (scores, values, lse0, out0, torch.empty_like(values), torch.empty_like(scores)))
+
+    grad_out = torch.randn_like(out)
+    grads = [torch.empty_like(scores), torch.empty_like(values), torch.empty_like(lse0), torch.empty_like(out0)]
+    torch.ops.aaren.scan_backward_into(grad_out, None, scores, values, out, lse, lse0, out0, *grads)
+    expected = torch.ops.aaren.scan_backward(grad_out, None, scores, values, out, lse, lse0, out0)
+    for got, want in zip(grads, expected):
+        assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.aaren.scan_backward_into.default,
+                          (grad_out, None, scores, values, out, lse, lse0, out0,
+                           *[torch.empty_like(g) for g in grads]))
+
+
+def test_into_forms_reject_wrong_buffers(device):
+    scores, values, _, _ = sample_inputs(device, with_state=False)
+    lse = torch.empty_like(scores)
+    into = torch.ops.aaren.scan_forward_into
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        into(scores, values, None, None, torch.empty_like(values)[:, :2], lse)
+    with pytest.raises(TypeError, match="out must be Float, got Double"):
+        into(scores, values, None, None, torch.empty_like(values).double(), lse)
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        into(scores, values, None, None, torch.empty_like(values).transpose(0, 1).contiguous().transpose(0, 1), lse)

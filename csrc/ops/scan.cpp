@@ -97,24 +97,54 @@ void check_same_shape(const char* op, const at::Tensor& t, const char* name,
               like_name, " ", like.sym_sizes(), ", got ", t.sym_sizes());
 }
 
+// An output given by the caller (the .out overloads) must be exactly what the kernel
+// would have allocated: kernels write contiguous rows.
+at::Tensor checked_output(const char* op, const std::optional<at::Tensor>& given, const char* name,
+                          c10::SymIntArrayRef sizes, const at::TensorOptions& options) {
+  if (!given.has_value()) {
+    return at::empty_symint(sizes, options);
+  }
+  const at::Tensor& t = *given;
+  TORCH_CHECK(t.sym_sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ",
+              t.sym_sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == options.dtype().toScalarType(), op, ": ", name,
+                   " must be ", c10::typeMetaToScalarType(options.dtype()), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == options.device(), op, ": ", name, " must be on ", options.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  return t;
+}
+
 }  // namespace
 
 at::ScalarType state_dtype(at::ScalarType values_dtype) {
   return values_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> scan_forward_with(
-    ForwardKernel kernel, const at::Tensor& scores, const at::Tensor& values,
-    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
-  check_forward_inputs("aaren.scan", scores, values, state_lse, state_out);
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> run_forward(
+    const char* op, ForwardKernel kernel, const at::Tensor& scores, const at::Tensor& values,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out,
+    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse) {
+  check_forward_inputs(op, scores, values, state_lse, state_out);
   ForwardArgs args{scores, values, state_lse, state_out,
-                   at::empty_symint(values.sym_sizes(), values.options()),
-                   at::empty_symint(scores.sym_sizes(),
-                                    values.options().dtype(state_dtype(values.scalar_type())))};
+                   checked_output(op, out, "out", values.sym_sizes(), values.options()),
+                   checked_output(op, lse, "lse", scores.sym_sizes(),
+                                  values.options().dtype(state_dtype(values.scalar_type())))};
   if (kernel != nullptr) {
     kernel(args);
   }
   return {args.out, args.lse};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> scan_forward_with(
+    ForwardKernel kernel, const at::Tensor& scores, const at::Tensor& values,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out,
+    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse) {
+  return run_forward("aaren.scan", kernel, scores, values, state_lse, state_out, out, lse);
 }
 
 std::tuple<at::Tensor, at::Tensor> step_with(
@@ -126,24 +156,17 @@ std::tuple<at::Tensor, at::Tensor> step_with(
   TORCH_CHECK(value.dim() == 3, op, ": value must have shape [B, H, D], got shape ",
               value.sym_sizes());
   // One token is a sequence of length 1: the scan checks and kernel serve as they are.
-  const at::Tensor scores = score.unsqueeze(1);
-  const at::Tensor values = value.unsqueeze(1);
-  check_forward_inputs(op, scores, values, state_lse, state_out);
-  ForwardArgs args{scores, values, state_lse, state_out,
-                   at::empty_symint(values.sym_sizes(), values.options()),
-                   at::empty_symint(scores.sym_sizes(),
-                                    values.options().dtype(state_dtype(values.scalar_type())))};
-  if (kernel != nullptr) {
-    kernel(args);
-  }
-  return {args.out.squeeze(1), args.lse.squeeze(1)};
+  auto [out, lse] = run_forward(op, kernel, score.unsqueeze(1), value.unsqueeze(1), state_lse,
+                                state_out, std::nullopt, std::nullopt);
+  return {out.squeeze(1), lse.squeeze(1)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
     BackwardKernel kernel, const std::optional<at::Tensor>& grad_out,
     const std::optional<at::Tensor>& grad_lse, const at::Tensor& scores,
     const at::Tensor& values, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out,
+    const BackwardOutputs& outputs) {
   constexpr const char* op = "aaren.scan_backward";
   check_forward_inputs(op, scores, values, state_lse, state_out);
   check_same_shape(op, out, "out", values, "values");
@@ -179,10 +202,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
   const auto batch = values.sym_size(0);
   const auto heads = values.sym_size(2);
   const auto head_dim = values.sym_size(3);
-  args.grad_scores = at::empty_symint(scores.sym_sizes(), scores.options());
-  args.grad_values = at::empty_symint(values.sym_sizes(), values.options());
-  args.grad_state_lse = at::empty_symint({batch, heads}, lse.options());
-  args.grad_state_out = at::empty_symint({batch, heads, head_dim}, values.options());
+  args.grad_scores = checked_output(op, outputs.grad_scores, "grad_scores", scores.sym_sizes(),
+                                    scores.options());
+  args.grad_values = checked_output(op, outputs.grad_values, "grad_values", values.sym_sizes(),
+                                    values.options());
+  args.grad_state_lse = checked_output(op, outputs.grad_state_lse, "grad_state_lse",
+                                       {batch, heads}, lse.options());
+  args.grad_state_out = checked_output(op, outputs.grad_state_out, "grad_state_out",
+                                       {batch, heads, head_dim}, values.options());
   if (kernel != nullptr) {
     kernel(args);
   }
@@ -197,12 +224,23 @@ TORCH_LIBRARY(aaren, m) {
   m.def(
       "scan_forward(Tensor scores, Tensor values, Tensor? state_lse=None, "
       "Tensor? state_out=None) -> (Tensor out, Tensor lse)");
+  // Into caller-owned buffers (contiguous, of the shapes above), for loops and benchmarks
+  // that reuse memory. Not differentiable; they return nothing, so that torch.compile
+  // can functionalize them.
+  m.def(
+      "scan_forward_into(Tensor scores, Tensor values, Tensor? state_lse, Tensor? state_out, "
+      "Tensor(a!) out, Tensor(b!) lse) -> ()");
   // Gradients of scan_forward's inputs; the state gradients are for the state given
   // (zero for the empty state when none was).
   m.def(
       "scan_backward(Tensor? grad_out, Tensor? grad_lse, Tensor scores, Tensor values, "
       "Tensor out, Tensor lse, Tensor? state_lse=None, Tensor? state_out=None) -> "
       "(Tensor grad_scores, Tensor grad_values, Tensor grad_state_lse, Tensor grad_state_out)");
+  m.def(
+      "scan_backward_into(Tensor? grad_out, Tensor? grad_lse, Tensor scores, Tensor values, "
+      "Tensor out, Tensor lse, Tensor? state_lse, Tensor? state_out, "
+      "Tensor(a!) grad_scores, Tensor(b!) grad_values, Tensor(c!) grad_state_lse, "
+      "Tensor(d!) grad_state_out) -> ()");
   // One token: score [B,H], value [B,H,D]; returns the new state (out [B,H,D], lse [B,H]).
   m.def(
       "step(Tensor score, Tensor value, Tensor? state_lse=None, Tensor? state_out=None) "

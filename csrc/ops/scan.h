@@ -50,13 +50,16 @@ using BackwardKernel = void (*)(const BackwardArgs&);
 // The dtype of lse: float64 for float64 inputs, float32 for every other dtype.
 at::ScalarType state_dtype(at::ScalarType values_dtype);
 
-// Validate, allocate, and run `kernel` (none for Meta: shapes only).
+// Validate, allocate (or check the caller's output buffers), and run `kernel` (none
+// for Meta: shapes only).
 std::tuple<at::Tensor, at::Tensor> scan_forward_with(
     ForwardKernel kernel,
     const at::Tensor& scores,
     const at::Tensor& values,
     const std::optional<at::Tensor>& state_lse,
-    const std::optional<at::Tensor>& state_out);
+    const std::optional<at::Tensor>& state_out,
+    const std::optional<at::Tensor>& out = std::nullopt,
+    const std::optional<at::Tensor>& lse = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor> step_with(
     ForwardKernel kernel,
@@ -64,6 +67,10 @@ std::tuple<at::Tensor, at::Tensor> step_with(
     const at::Tensor& value,
     const std::optional<at::Tensor>& state_lse,
     const std::optional<at::Tensor>& state_out);
+
+struct BackwardOutputs {
+  std::optional<at::Tensor> grad_scores, grad_values, grad_state_lse, grad_state_out;
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
     BackwardKernel kernel,
@@ -74,9 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
     const at::Tensor& out,
     const at::Tensor& lse,
     const std::optional<at::Tensor>& state_lse,
-    const std::optional<at::Tensor>& state_out);
+    const std::optional<at::Tensor>& state_out,
+    const BackwardOutputs& outputs = {});
 
-// Registers the three operators for one dispatch key with that backend's kernels.
+// Registers the operators (and their _into forms) for one dispatch key with that backend's kernels.
 template <ForwardKernel forward, BackwardKernel backward>
 void register_backend(torch::Library& m) {
   m.impl("scan_forward", [](const at::Tensor& scores, const at::Tensor& values,
@@ -96,6 +104,22 @@ void register_backend(torch::Library& m) {
             const std::optional<at::Tensor>& state_out) {
            return scan_backward_with(backward, grad_out, grad_lse, scores, values, out, lse,
                                      state_lse, state_out);
+         });
+  m.impl("scan_forward_into",
+         [](const at::Tensor& scores, const at::Tensor& values,
+            const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out,
+            const at::Tensor& out, const at::Tensor& lse) {
+           scan_forward_with(forward, scores, values, state_lse, state_out, out, lse);
+         });
+  m.impl("scan_backward_into",
+         [](const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_lse,
+            const at::Tensor& scores, const at::Tensor& values, const at::Tensor& out,
+            const at::Tensor& lse, const std::optional<at::Tensor>& state_lse,
+            const std::optional<at::Tensor>& state_out, const at::Tensor& grad_scores,
+            const at::Tensor& grad_values, const at::Tensor& grad_state_lse,
+            const at::Tensor& grad_state_out) {
+           scan_backward_with(backward, grad_out, grad_lse, scores, values, out, lse, state_lse,
+                              state_out, {grad_scores, grad_values, grad_state_lse, grad_state_out});
          });
 }
 
