@@ -68,7 +68,7 @@ AAREN_HOST_DEVICE CombineWeights<T> combine_weights(T lse_a, T lse_b) {
 
 // Weights for a running (m, u, w) taking in a token with score s:
 //   u <- weight_old * u + weight_new,  w <- weight_old * w + weight_new * v.
-// Updates m. One of the two weights is exactly 1 unless both are 0 (all masked).
+// Updates m. One of the two weights is exactly 1, so most tokens cost one exp.
 template <typename T>
 struct RescaleWeights {
   T weight_old;
@@ -77,15 +77,16 @@ struct RescaleWeights {
 
 template <typename T>
 AAREN_HOST_DEVICE RescaleWeights<T> add_score(T& running_max, T score) {
-  if (score != score) {  // NaN in, NaN out
-    running_max = score;
-    return {score, score};
+  if (score <= running_max) {  // the usual case once a few tokens are in: one exp
+    return {T(1), exp_of_difference(score, running_max)};
   }
-  const T new_max = score > running_max ? score : running_max;
-  const RescaleWeights<T> weights{exp_of_difference(running_max, new_max),
-                                  exp_of_difference(score, new_max)};
-  running_max = new_max;
-  return weights;
+  if (score > running_max) {  // a new maximum: rescale what was summed so far
+    const T old_max = running_max;
+    running_max = score;
+    return {exp_of_difference(old_max, score), T(1)};
+  }
+  running_max = score + running_max;  // NaN in (either side), NaN out
+  return {running_max, running_max};
 }
 
 // lse = m + log u, with u = 0 (nothing seen) meaning -inf.

@@ -66,11 +66,25 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   }
 };
 
-// Sequences per parallel task: enough tokens x features that a task outweighs the
-// cost of handing it out.
-int64_t grain_size(int64_t length, int64_t head_dim) {
-  constexpr int64_t kMinElementsPerTask = 1 << 14;
-  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, length * head_dim));
+// Work is split into tasks of (batch, run of heads). Within a task the loop runs over
+// tokens and, inside that, over the task's heads: rows [b, n, h0:h1, :] are adjacent in
+// the [B, N, H, D] layout, so a task streams through memory as a copy does (one sequence
+// at a time would jump H*D elements per token, defeating the hardware prefetchers), and
+// the heads' independent recurrences overlap their exp/log latencies.
+struct TaskSplit {
+  int64_t heads_per_task;
+  int64_t tasks_per_batch;
+  int64_t grain;  // tasks per thread at least, so small problems stay on one thread
+};
+
+TaskSplit split_tasks(int64_t batch, int64_t length, int64_t heads, int64_t head_dim) {
+  const int64_t wanted_tasks = 2 * at::get_num_threads();
+  const int64_t tasks_per_batch = std::clamp<int64_t>((wanted_tasks + batch - 1) / std::max<int64_t>(batch, 1), 1, std::max<int64_t>(heads, 1));
+  const int64_t heads_per_task = (heads + tasks_per_batch - 1) / tasks_per_batch;
+  constexpr int64_t kMinElementsPerTask = 1 << 15;
+  const int64_t task_elements = std::max<int64_t>(1, length * heads_per_task * std::max<int64_t>(head_dim, 1));
+  return {heads_per_task, (heads + heads_per_task - 1) / std::max<int64_t>(heads_per_task, 1),
+          std::max<int64_t>(1, kMinElementsPerTask / task_elements)};
 }
 
 int64_t padded(int64_t head_dim, int64_t width) {
@@ -88,67 +102,77 @@ void forward_typed(const ForwardArgs& args) {
   const int64_t length = args.values.size(1);
   const int64_t heads = args.values.size(2);
   const int64_t head_dim = args.values.size(3);
+  const int64_t row_width = padded(head_dim, IO::width);
 
   const scalar_t* scores = args.scores.const_data_ptr<scalar_t>();
   const scalar_t* values = args.values.const_data_ptr<scalar_t>();
-  scalar_t* out = args.out.mutable_data_ptr<scalar_t>();
-  acc_t* lse = args.lse.mutable_data_ptr<acc_t>();
+  scalar_t* out = args.out.mutable_data_ptr<scalar_t>();  // contiguous [B,N,H,D]
+  acc_t* lse = args.lse.mutable_data_ptr<acc_t>();        // contiguous [B,N,H]
   const auto s_strides = args.scores.strides();
   const auto v_strides = args.values.strides();
-  // out [B,N,H,D] and lse [B,N,H] are contiguous.
-  const int64_t out_n = heads * head_dim;
-  const int64_t lse_n = heads;
 
   const bool has_state = args.state_lse.has_value();
   const acc_t* state_lse = has_state ? args.state_lse->const_data_ptr<acc_t>() : nullptr;
   const scalar_t* state_out = has_state ? args.state_out->const_data_ptr<scalar_t>() : nullptr;
 
-  at::parallel_for(0, batch * heads, grain_size(length, head_dim), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> numerator(padded(head_dim, IO::width));
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / heads;
-      const int64_t h = bh % heads;
-      // Online softmax (see combine.h): the state (L0, o0) is (max L0, denominator 1, numerator o0).
-      acc_t running_max = negative_infinity<acc_t>();
-      acc_t denominator = 0;
+  const TaskSplit split = split_tasks(batch, length, heads, head_dim);
+  at::parallel_for(0, batch * split.tasks_per_batch, split.grain, [&](int64_t begin, int64_t end) {
+    // Online softmax per head (see combine.h): running max, denominator, numerator row.
+    std::vector<acc_t> running_max(split.heads_per_task);
+    std::vector<acc_t> denominator(split.heads_per_task);
+    std::vector<acc_t> numerator(split.heads_per_task * row_width);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / split.tasks_per_batch;
+      const int64_t h_begin = (task % split.tasks_per_batch) * split.heads_per_task;
+      const int64_t task_heads = std::min(split.heads_per_task, heads - h_begin);
+
+      // The state (L0, o0) enters as (max L0, denominator 1, numerator o0).
       std::fill(numerator.begin(), numerator.end(), acc_t(0));
-      if (has_state) {
-        running_max = state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
-        if (running_max != negative_infinity<acc_t>()) {
-          denominator = 1;
-          const scalar_t* row =
-              state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
+      for (int64_t j = 0; j < task_heads; ++j) {
+        const int64_t h = h_begin + j;
+        running_max[j] = negative_infinity<acc_t>();
+        denominator[j] = 0;
+        if (!has_state) {
+          continue;
+        }
+        running_max[j] = state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
+        if (running_max[j] != negative_infinity<acc_t>()) {
+          denominator[j] = 1;
+          const scalar_t* row = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
           for (int64_t d = 0; d < head_dim; ++d) {
-            numerator[d] = static_cast<acc_t>(row[d]);
+            numerator[j * row_width + d] = static_cast<acc_t>(row[d]);
           }
         }
       }
-      const scalar_t* score_ptr = scores + b * s_strides[0] + h * s_strides[2];
-      const scalar_t* value_ptr = values + b * v_strides[0] + h * v_strides[2];
-      scalar_t* out_ptr = out + (b * length * heads + h) * head_dim;
-      acc_t* lse_ptr = lse + b * length * heads + h;
 
       for (int64_t n = 0; n < length; ++n) {
-        const auto w = add_score(running_max, static_cast<acc_t>(score_ptr[n * s_strides[1]]));
-        denominator = w.weight_old * denominator + w.weight_new;
-        lse_ptr[n * lse_n] = lse_of(running_max, denominator);
-        const AccVec weight_old(w.weight_old);
-        const AccVec weight_new(w.weight_new);
-        const AccVec inverse(reciprocal_or_zero(denominator));
-        const scalar_t* v_row = value_ptr + n * v_strides[1];
-        scalar_t* o_row = out_ptr + n * out_n;
-        for (int64_t d = 0; d < head_dim; d += IO::width) {
-          const int64_t count = std::min(IO::width, head_dim - d);
-          AccVec v[IO::parts];
-          AccVec o[IO::parts];
-          IO::load(v_row + d, count, v);
-          for (int p = 0; p < IO::parts; ++p) {
-            acc_t* w_ptr = numerator.data() + d + p * acc_width;
-            const AccVec updated = at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]);
-            updated.store(w_ptr);
-            o[p] = updated * inverse;
+        const scalar_t* score_row = scores + b * s_strides[0] + n * s_strides[1];
+        const scalar_t* value_row = values + b * v_strides[0] + n * v_strides[1];
+        const int64_t token = b * length + n;
+        for (int64_t j = 0; j < task_heads; ++j) {
+          const int64_t h = h_begin + j;
+          const auto w = add_score(running_max[j], static_cast<acc_t>(score_row[h * s_strides[2]]));
+          denominator[j] = w.weight_old * denominator[j] + w.weight_new;
+          lse[token * heads + h] = lse_of(running_max[j], denominator[j]);
+          const AccVec weight_old(w.weight_old);
+          const AccVec weight_new(w.weight_new);
+          const AccVec inverse(reciprocal_or_zero(denominator[j]));
+          const scalar_t* v_row = value_row + h * v_strides[2];
+          scalar_t* o_row = out + (token * heads + h) * head_dim;
+          acc_t* w_row = numerator.data() + j * row_width;
+          for (int64_t d = 0; d < head_dim; d += IO::width) {
+            const int64_t count = std::min(IO::width, head_dim - d);
+            AccVec v[IO::parts];
+            AccVec o[IO::parts];
+            IO::load(v_row + d, count, v);
+            for (int p = 0; p < IO::parts; ++p) {
+              acc_t* w_ptr = w_row + d + p * acc_width;
+              const AccVec updated = at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]);
+              updated.store(w_ptr);
+              o[p] = updated * inverse;
+            }
+            IO::store(o_row + d, count, o);
           }
-          IO::store(o_row + d, count, o);
         }
       }
     }
@@ -177,7 +201,7 @@ void backward_typed(const BackwardArgs& args) {
 
   const scalar_t* scores = args.scores.const_data_ptr<scalar_t>();
   const scalar_t* values = args.values.const_data_ptr<scalar_t>();
-  const scalar_t* out = args.out.const_data_ptr<scalar_t>();
+  const scalar_t* out = args.out.const_data_ptr<scalar_t>();  // contiguous, as forward wrote it
   const acc_t* lse = args.lse.const_data_ptr<acc_t>();
   const auto s_strides = args.scores.strides();
   const auto v_strides = args.values.strides();
@@ -205,88 +229,93 @@ void backward_typed(const BackwardArgs& args) {
   acc_t* grad_state_lse = args.grad_state_lse.mutable_data_ptr<acc_t>();
   scalar_t* grad_state_out = args.grad_state_out.mutable_data_ptr<scalar_t>();
 
-  at::parallel_for(0, batch * heads, grain_size(length, head_dim), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum_g(row_width);  // S
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / heads;
-      const int64_t h = bh % heads;
+  const auto sum_lanes = [](const AccVec& x) {
+    return at::vec::vec_reduce_all<acc_t>([](const AccVec& p, const AccVec& q) { return p + q; }, x);
+  };
+
+  const TaskSplit split = split_tasks(batch, length, heads, head_dim);
+  at::parallel_for(0, batch * split.tasks_per_batch, split.grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> reference(split.heads_per_task);  // r, per head
+    std::vector<acc_t> sum_rho(split.heads_per_task);    // P, per head
+    std::vector<acc_t> sum_g(split.heads_per_task * row_width);  // S, per head
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / split.tasks_per_batch;
+      const int64_t h_begin = (task % split.tasks_per_batch) * split.heads_per_task;
+      const int64_t task_heads = std::min(split.heads_per_task, heads - h_begin);
       std::fill(sum_g.begin(), sum_g.end(), acc_t(0));
-      acc_t sum_rho = 0;  // P
-
-      const scalar_t* score_ptr = scores + b * s_strides[0] + h * s_strides[2];
-      const scalar_t* value_ptr = values + b * v_strides[0] + h * v_strides[2];
-      const int64_t out_offset = (b * length * heads + h) * head_dim;  // contiguous outputs
-      const acc_t* lse_ptr = lse + b * length * heads + h;
-      const scalar_t* g_ptr = grad_out + b * g_stride_b + h * g_stride_h;
-      const acc_t* G_ptr = grad_lse + b * G_stride_b + h * G_stride_h;
-      scalar_t* ds_ptr = grad_scores + b * length * heads + h;
-      acc_t reference = length > 0 ? lse_ptr[(length - 1) * heads] : acc_t(0);
-
-      int64_t n = length - 1;
-      for (; n >= 0; --n) {
-        const acc_t lse_n = lse_ptr[n * heads];
-        if (lse_n == negative_infinity<acc_t>()) {
-          break;  // everything up to here is masked: gradients are exactly zero
-        }
-        const acc_t factor = lower_reference(reference, lse_n);
-        if (factor != acc_t(1)) {
-          for (auto& x : sum_g) {
-            x *= factor;
-          }
-          sum_rho *= factor;
-        }
-        const acc_t w = std::exp(reference - lse_n);  // <= e^gap
-        const AccVec weight(w);
-        const acc_t e = exp_of_difference(static_cast<acc_t>(score_ptr[n * s_strides[1]]), reference);
-        const AccVec e_vec(e);
-        AccVec g_dot_o(0);
-        AccVec v_dot_s(0);
-        const scalar_t* g_row = g_ptr + n * g_stride_n;
-        const scalar_t* o_row = out + out_offset + n * heads * head_dim;
-        const scalar_t* v_row = value_ptr + n * v_strides[1];
-        scalar_t* dv_row = grad_values + out_offset + n * heads * head_dim;
-        for (int64_t d = 0; d < head_dim; d += IO::width) {
-          const int64_t count = std::min(IO::width, head_dim - d);
-          AccVec g[IO::parts], o[IO::parts], v[IO::parts], dv[IO::parts];
-          IO::load(g_row + d, count, g);
-          IO::load(o_row + d, count, o);
-          IO::load(v_row + d, count, v);
-          for (int p = 0; p < IO::parts; ++p) {
-            acc_t* s_ptr = sum_g.data() + d + p * acc_width;
-            const AccVec updated = at::vec::fmadd(weight, g[p], AccVec::loadu(s_ptr));
-            updated.store(s_ptr);
-            g_dot_o = at::vec::fmadd(g[p], o[p], g_dot_o);
-            v_dot_s = at::vec::fmadd(v[p], updated, v_dot_s);
-            dv[p] = e_vec * updated;
-          }
-          IO::store(dv_row + d, count, dv);
-        }
-        const auto sum = [](const AccVec& x) {
-          return at::vec::vec_reduce_all<acc_t>([](const AccVec& p, const AccVec& q) { return p + q; }, x);
-        };
-        sum_rho += w * (sum(g_dot_o) - G_ptr[n * G_stride_n]);
-        ds_ptr[n * heads] = static_cast<scalar_t>(e * (sum(v_dot_s) - sum_rho));
+      std::fill(sum_rho.begin(), sum_rho.end(), acc_t(0));
+      for (int64_t j = 0; j < task_heads; ++j) {
+        reference[j] = length > 0 ? lse[((b * length + length - 1) * heads) + h_begin + j] : acc_t(0);
       }
-      for (; n >= 0; --n) {  // the masked prefix
-        ds_ptr[n * heads] = scalar_t(0);
-        std::fill_n(grad_values + out_offset + n * heads * head_dim, head_dim, scalar_t(0));
+
+      for (int64_t n = length - 1; n >= 0; --n) {
+        const int64_t token = b * length + n;
+        const scalar_t* score_row = scores + b * s_strides[0] + n * s_strides[1];
+        for (int64_t j = 0; j < task_heads; ++j) {
+          const int64_t h = h_begin + j;
+          const acc_t lse_n = lse[token * heads + h];
+          scalar_t* dv_row = grad_values + (token * heads + h) * head_dim;
+          if (lse_n == negative_infinity<acc_t>()) {
+            // Every token up to here is masked: gradients are exactly zero.
+            grad_scores[token * heads + h] = scalar_t(0);
+            std::fill_n(dv_row, head_dim, scalar_t(0));
+            continue;
+          }
+          acc_t* s_row = sum_g.data() + j * row_width;
+          const acc_t factor = lower_reference(reference[j], lse_n);
+          if (factor != acc_t(1)) {
+            std::for_each(s_row, s_row + row_width, [factor](acc_t& x) { x *= factor; });
+            sum_rho[j] *= factor;
+          }
+          const acc_t w = std::exp(reference[j] - lse_n);  // <= e^gap
+          const acc_t e = exp_of_difference(static_cast<acc_t>(score_row[h * s_strides[2]]), reference[j]);
+          const AccVec weight(w);
+          const AccVec e_vec(e);
+          AccVec g_dot_o(0);
+          AccVec v_dot_s(0);
+          const scalar_t* g_row = grad_out + b * g_stride_b + n * g_stride_n + h * g_stride_h;
+          const scalar_t* o_row = out + (token * heads + h) * head_dim;
+          const scalar_t* v_row = values + b * v_strides[0] + n * v_strides[1] + h * v_strides[2];
+          for (int64_t d = 0; d < head_dim; d += IO::width) {
+            const int64_t count = std::min(IO::width, head_dim - d);
+            AccVec g[IO::parts], o[IO::parts], v[IO::parts], dv[IO::parts];
+            IO::load(g_row + d, count, g);
+            IO::load(o_row + d, count, o);
+            IO::load(v_row + d, count, v);
+            for (int p = 0; p < IO::parts; ++p) {
+              acc_t* s_ptr = s_row + d + p * acc_width;
+              const AccVec updated = at::vec::fmadd(weight, g[p], AccVec::loadu(s_ptr));
+              updated.store(s_ptr);
+              g_dot_o = at::vec::fmadd(g[p], o[p], g_dot_o);
+              v_dot_s = at::vec::fmadd(v[p], updated, v_dot_s);
+              dv[p] = e_vec * updated;
+            }
+            IO::store(dv_row + d, count, dv);
+          }
+          sum_rho[j] += w * (sum_lanes(g_dot_o) - grad_lse[b * G_stride_b + n * G_stride_n + h * G_stride_h]);
+          grad_scores[token * heads + h] = static_cast<scalar_t>(e * (sum_lanes(v_dot_s) - sum_rho[j]));
+        }
       }
 
       // The initial state as a token before the first: f R_1 = e^(L_0 - r) S.
-      const acc_t lse_0 = has_state
-          ? state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)]
-          : negative_infinity<acc_t>();
-      const acc_t f = length == 0 ? acc_t(0) : exp_of_difference(lse_0, reference);
-      const scalar_t* o0_row = has_state
-          ? state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1)
-          : zero_row.data();
-      scalar_t* do0_row = grad_state_out + (b * heads + h) * head_dim;
-      acc_t o0_dot_s = 0;
-      for (int64_t d = 0; d < head_dim; ++d) {
-        o0_dot_s += static_cast<acc_t>(o0_row[d]) * sum_g[d];
-        do0_row[d] = static_cast<scalar_t>(f * sum_g[d]);
+      for (int64_t j = 0; j < task_heads; ++j) {
+        const int64_t h = h_begin + j;
+        const acc_t lse_0 = has_state
+            ? state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)]
+            : negative_infinity<acc_t>();
+        const acc_t f = length == 0 ? acc_t(0) : exp_of_difference(lse_0, reference[j]);
+        const scalar_t* o0_row = has_state
+            ? state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1)
+            : zero_row.data();
+        const acc_t* s_row = sum_g.data() + j * row_width;
+        scalar_t* do0_row = grad_state_out + (b * heads + h) * head_dim;
+        acc_t o0_dot_s = 0;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          o0_dot_s += static_cast<acc_t>(o0_row[d]) * s_row[d];
+          do0_row[d] = static_cast<scalar_t>(f * s_row[d]);
+        }
+        grad_state_lse[b * heads + h] = f * (o0_dot_s - sum_rho[j]);
       }
-      grad_state_lse[b * heads + h] = f * (o0_dot_s - sum_rho);
     }
   });
 }

@@ -1,0 +1,156 @@
+"""CPU benchmark of aaren.scan, forward and forward+backward, side by side with its floors
+and with what a user would otherwise write.
+
+For each (B, N, H, D, dtype) it reports, measured in one run (medians of repeated calls):
+  - aaren forward and backward kernels into reused output buffers (scan_forward_into /
+    scan_backward_into): time, achieved GB/s, and the ratio to a plain copy of `values`
+    into a reused buffer (the memory-bandwidth floor);
+  - the allocating call `aaren.scan` (what autograd users get), and apart from it the
+    cost of allocating and first touching its output: on Linux a tensor of 32 MiB or
+    more is a fresh mmap on every allocation, and its page faults can cost more than
+    the scan itself;
+  - speedups against a pure-PyTorch Hillis-Steele scan (aaren.reference) and against
+    scaled_dot_product_attention(is_causal=True) with the same query at every position,
+    forward and forward+backward (through autograd, allocating, as users run them).
+
+    python benchmarks/bench_scan_cpu.py            # the grid, a few minutes
+    python benchmarks/bench_scan_cpu.py --quick    # the headline shape only
+    python benchmarks/bench_scan_cpu.py --smoke    # tiny, checks the script runs
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import aaren
+from aaren.reference import hillis_steele_scan
+
+GRID = [
+    # (B, N, H, D)
+    (4, 4096, 8, 64),
+    (4, 1024, 8, 64),
+    (8, 2048, 16, 32),
+    (1, 65536, 2, 64),
+]
+HEADLINE = (4, 4096, 8, 64)
+
+
+def median_seconds(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(B, N, H, D, dtype, repeats, baseline_repeats):
+    torch.manual_seed(0)
+    scores = torch.randn(B, N, H, dtype=dtype)
+    values = torch.randn(B, N, H, D, dtype=dtype)
+    out = torch.empty_like(values)
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    lse = torch.empty(B, N, H, dtype=lse_dtype)
+    grad_out = torch.randn_like(values)
+    grads = [torch.empty_like(scores), torch.empty_like(values),
+             torch.empty(B, H, dtype=lse_dtype), torch.empty(B, H, D, dtype=dtype)]
+    copy_target = torch.empty_like(values)
+
+    t_copy = median_seconds(lambda: copy_target.copy_(values), repeats)
+    t_forward = median_seconds(
+        lambda: torch.ops.aaren.scan_forward_into(scores, values, None, None, out, lse), repeats)
+    t_backward = median_seconds(
+        lambda: torch.ops.aaren.scan_backward_into(grad_out, None, scores, values, out, lse,
+                                                   None, None, *grads), repeats)
+    t_scan_allocating = median_seconds(lambda: aaren.scan(scores, values), repeats)
+    t_allocate = median_seconds(lambda: torch.empty_like(values).fill_(0), repeats)
+
+    element = values.element_size()
+    copy_bytes = 2 * values.numel() * element
+    forward_bytes = (scores.numel() + 2 * values.numel()) * element + lse.numel() * lse.element_size()
+    backward_bytes = (4 * values.numel() + 2 * scores.numel()) * element + lse.numel() * lse.element_size()
+
+    # Baselines through autograd, as users run them.
+    def hillis_steele_forward_backward():
+        s, v = scores.detach().requires_grad_(), values.detach().requires_grad_()
+        hillis_steele_scan(s, v).backward(grad_out)
+
+    query = torch.randn(1, H, 1, D, dtype=dtype)
+
+    def sdpa(requires_grad):
+        k = values.transpose(1, 2).detach().requires_grad_(requires_grad)  # [B, H, N, D]
+        v = values.transpose(1, 2).detach().requires_grad_(requires_grad)
+        q = query.expand(B, H, N, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if requires_grad:
+            y.backward(grad_out.transpose(1, 2))
+
+    def aaren_forward_backward():
+        s, v = scores.detach().requires_grad_(), values.detach().requires_grad_()
+        aaren.scan(s, v)[0].backward(grad_out)
+
+    t_aaren_fb_autograd = median_seconds(aaren_forward_backward, baseline_repeats)
+    t_hs = median_seconds(lambda: hillis_steele_scan(scores, values), baseline_repeats)
+    t_hs_fb = median_seconds(hillis_steele_forward_backward, baseline_repeats)
+    t_sdpa = median_seconds(lambda: sdpa(False), baseline_repeats)
+    t_sdpa_fb = median_seconds(lambda: sdpa(True), baseline_repeats)
+
+    return {
+        "shape": f"{B}x{N}x{H}x{D}", "dtype": str(dtype).replace("torch.", ""),
+        "MiB": values.numel() * element / 2**20,
+        "copy_ms": 1e3 * t_copy, "fwd_ms": 1e3 * t_forward, "bwd_ms": 1e3 * t_backward,
+        "fwd_GBs": forward_bytes / t_forward / 1e9, "bwd_GBs": backward_bytes / t_backward / 1e9,
+        "copy_GBs": copy_bytes / t_copy / 1e9,
+        "fwd_vs_copy": t_forward / t_copy, "fwdbwd_vs_copy": (t_forward + t_backward) / t_copy,
+        "scan_alloc_ms": 1e3 * t_scan_allocating, "alloc_ms": 1e3 * t_allocate,
+        "fb_autograd_ms": 1e3 * t_aaren_fb_autograd,
+        "x_hillis_fwd": t_hs / t_scan_allocating, "x_hillis_fb": t_hs_fb / t_aaren_fb_autograd,
+        "x_sdpa_fwd": t_sdpa / t_scan_allocating, "x_sdpa_fb": t_sdpa_fb / t_aaren_fb_autograd,
+    }
+
+
+COLUMNS = [
+    ("shape", "B x N x H x D", "{}"), ("dtype", "dtype", "{}"), ("MiB", "values MiB", "{:.1f}"),
+    ("copy_ms", "copy ms", "{:.2f}"), ("fwd_ms", "fwd ms", "{:.2f}"), ("bwd_ms", "bwd ms", "{:.2f}"),
+    ("copy_GBs", "copy GB/s", "{:.1f}"), ("fwd_GBs", "fwd GB/s", "{:.1f}"), ("bwd_GBs", "bwd GB/s", "{:.1f}"),
+    ("fwd_vs_copy", "fwd / copy", "{:.2f}x"), ("fwdbwd_vs_copy", "fwd+bwd / copy", "{:.2f}x"),
+    ("scan_alloc_ms", "scan() ms (allocating)", "{:.2f}"), ("alloc_ms", "alloc+touch out ms", "{:.2f}"),
+    ("fb_autograd_ms", "fwd+bwd autograd ms", "{:.2f}"),
+    ("x_hillis_fwd", "vs Hillis-Steele fwd", "{:.0f}x"), ("x_hillis_fb", "vs Hillis-Steele fwd+bwd", "{:.0f}x"),
+    ("x_sdpa_fwd", "vs causal SDPA fwd", "{:.0f}x"), ("x_sdpa_fb", "vs causal SDPA fwd+bwd", "{:.0f}x"),
+]
+
+
+def print_table(rows):
+    print("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the headline shape only")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
+    args = parser.parse_args()
+    if args.smoke:
+        grid, dtypes, repeats, baseline_repeats = [(2, 64, 2, 8)], [torch.float32], 2, 1
+    elif args.quick:
+        grid, dtypes, repeats, baseline_repeats = [HEADLINE], [torch.float32], 9, 2
+    else:
+        grid, dtypes, repeats, baseline_repeats = GRID, [torch.float32, torch.bfloat16], 9, 2
+    info = aaren.build_info()
+    print(f"aaren {info['version']} CPU benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"ISA {info['cpu_isa_selected']}; medians of {repeats} (kernels) / {baseline_repeats} (baselines) runs")
+    print("fwd/bwd: kernels into reused buffers; 'scan() ms' allocates its output (alloc+touch shown apart);")
+    print("speedups compare aaren.scan through autograd with the baselines through autograd.\n")
+    rows = [measure(*shape, dtype, repeats, baseline_repeats) for shape in grid for dtype in dtypes]
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
