@@ -73,7 +73,8 @@ std::pair<at::Tensor, State> scan(const at::Tensor& scores, const at::Tensor& va
                      ? *state
                      : empty_state(values.size(0), values.size(2), values.size(3), values.options())};
   }
-  return {out, State{lse.select(1, -1), out.select(1, -1)}};
+  // A copy, not a view: a state kept for later must not hold on to the whole sequence.
+  return {out, State{lse.select(1, -1).clone(), out.select(1, -1).clone()}};
 }
 
 std::pair<at::Tensor, State> step(const at::Tensor& score, const at::Tensor& value,

@@ -6,7 +6,9 @@ TorchScript, C++, torch.compile and torch.export.
 """
 from ._library import build_info
 from .functional import State, empty_state, scan, step
+from .modules import Aaren, AarenEncoder, AarenEncoderLayer, convert
 
 __version__ = build_info()["version"]
 
-__all__ = ["State", "build_info", "empty_state", "scan", "step", "__version__"]
+__all__ = ["State", "build_info", "empty_state", "scan", "step", "__version__",
+           "Aaren", "AarenEncoderLayer", "AarenEncoder", "convert"]

@@ -43,7 +43,8 @@ def scan(scores: Tensor, values: Tensor,
             return out, empty_state(values.size(0), values.size(2), values.size(3),
                                     values.dtype, values.device)
         return out, state
-    return out, (lse[:, -1], out[:, -1])
+    # A copy, not a view: a state kept for later must not hold on to the whole sequence.
+    return out, (lse[:, -1].clone(), out[:, -1].clone())
 
 
 def step(score: Tensor, value: Tensor,

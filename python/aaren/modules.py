@@ -1,0 +1,635 @@
+"""nn.Module layers built on the scan.
+
+- `Aaren`: a drop-in replacement for a causal `torch.nn.MultiheadAttention` used as
+  self-attention (same constructor, call signature, shapes and `batch_first` convention),
+  with one learned query per head, plus constant-memory streaming (`step`, `prefill`).
+- `AarenEncoderLayer`, `AarenEncoder`: the `nn.TransformerEncoderLayer` /
+  `nn.TransformerEncoder` stack with `Aaren` as self-attention, with `forward` (parallel),
+  `prefill` and `step` (a list of per-layer states).
+- `convert(model)`: swaps every `nn.MultiheadAttention` used as self-attention in a model
+  for an `Aaren` that reuses its key, value and output projections.
+
+See docs/modules.md for the design (initialization, parameter count, masks, dropout,
+differences from attention).
+"""
+import copy
+import logging
+import math
+from typing import Callable, Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import scan as _scan
+from .functional import step as _step
+
+__all__ = ["Aaren", "AarenEncoderLayer", "AarenEncoder", "convert"]
+
+_log = logging.getLogger("aaren")
+
+
+def _not_causal_message() -> str:
+    return ("Aaren is causal by construction (token k sees tokens 1..k): attn_mask must be "
+            "None or the causal mask (bool: True above the diagonal; float: -inf above the "
+            "diagonal and 0 elsewhere). Any other attention pattern cannot be expressed; use "
+            "key_padding_mask to mask tokens.")
+
+
+def _key_padding_to_scores(scores: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """scores [B, N, H]; key_padding_mask [B, N]: bool (True = ignore) or float (added)."""
+    if key_padding_mask is None:
+        return scores
+    if key_padding_mask.dim() != 2 or key_padding_mask.size(0) != scores.size(0) or \
+            key_padding_mask.size(1) != scores.size(1):
+        raise ValueError(
+            f"Aaren: key_padding_mask must have shape [batch, seq] = "
+            f"[{scores.size(0)}, {scores.size(1)}] (or [seq] for unbatched input), got "
+            f"{list(key_padding_mask.shape)}")
+    if key_padding_mask.dtype == torch.bool:
+        return scores.masked_fill(key_padding_mask.unsqueeze(-1), float("-inf"))
+    if not torch.is_floating_point(key_padding_mask):
+        raise TypeError(
+            f"Aaren: key_padding_mask must be bool or floating point, got {key_padding_mask.dtype}")
+    return scores + key_padding_mask.unsqueeze(-1).to(scores.dtype)
+
+
+def _check_causal_mask(attn_mask: Tensor, n: int) -> None:
+    """Raises unless attn_mask ([N, N] or [batch * heads, N, N]) is the causal mask."""
+    if (attn_mask.dim() != 2 and attn_mask.dim() != 3) or attn_mask.size(-1) != n or \
+            attn_mask.size(-2) != n:
+        raise ValueError(
+            f"{_not_causal_message()} Got an attn_mask of shape {list(attn_mask.shape)} for a sequence "
+            f"of {n} tokens.")
+    later = torch.ones(n, n, dtype=torch.bool, device=attn_mask.device).triu(1)
+    if attn_mask.dtype == torch.bool:
+        ok = (attn_mask == later).all()
+    elif torch.is_floating_point(attn_mask):
+        causal = torch.zeros(n, n, dtype=attn_mask.dtype, device=attn_mask.device)
+        ok = (attn_mask == causal.masked_fill(later, float("-inf"))).all()
+    else:
+        raise TypeError(f"Aaren: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    if torch.jit.is_scripting():
+        if not bool(ok):
+            raise ValueError(_not_causal_message())
+    elif torch.compiler.is_compiling():
+        # A data-dependent check: an assertion inside the graph (no graph break).
+        torch._assert_async(ok, _not_causal_message())
+    elif not bool(ok):
+        raise ValueError(_not_causal_message())
+
+
+class Aaren(nn.Module):
+    r"""Attention as a many-to-many RNN, with the interface of ``nn.MultiheadAttention``.
+
+    Each head h has a learned query ``q_h`` (the paper's query token). Token i gives a key
+    ``k_i = W_k x_i + b_k`` and a value ``v_i = W_v x_i + b_v`` (split into heads as in
+    attention); the output for token k is, per head, softmax attention of ``q_h`` over tokens
+    1..k with scores ``q_h . k_{i,h} / sqrt(head_dim)``, then the output projection ``W_o``.
+    Aaren is therefore causal by construction, and computed by a parallel prefix scan
+    (``aaren.scan``) in ``forward``/``prefill`` and one token at a time (``aaren.step``) in
+    ``step``, with a state of constant size.
+
+    Args:
+        embed_dim: total dimension E of the model.
+        num_heads: number of heads H; ``head_dim = E // H``.
+        dropout: drop probability for whole token contributions (per batch, token and head),
+            the scan's counterpart of dropout on attention weights; training only.
+        bias: whether the key, value and output projections have biases.
+        batch_first: inputs and outputs are ``[batch, seq, E]`` if True, ``[seq, batch, E]``
+            otherwise (as ``nn.MultiheadAttention``; unbatched ``[seq, E]`` inputs work too).
+        device, dtype: of the parameters, as for ``nn.Linear``.
+
+    Parameters: ``query`` [H, head_dim], ``k_proj``, ``v_proj``, ``out_proj`` (``nn.Linear``
+    E -> E). That is ``3 E^2 + E`` (+ ``3 E`` biases) parameters: an ``nn.MultiheadAttention``
+    of the same size has ``4 E^2`` (+ ``4 E``). Initialization: ``k_proj``/``v_proj`` weights
+    uniform as ``nn.MultiheadAttention``'s ``in_proj_weight`` (Xavier over the fused
+    [3E, E] matrix: U(-a, a), a = sqrt(3 / (2E))), ``out_proj`` as ``nn.Linear``, biases 0,
+    ``query`` ~ N(0, 1/2) (the distribution of attention's queries ``W_q x`` at
+    initialization for unit-variance inputs, so scores start at the same scale).
+
+    The key projection is folded into the query: the scores are computed by a [H, E]
+    projection ``(q_h^T W_{k,h}) / sqrt(head_dim)`` built at each call, so no [B, N, E] key
+    tensor is formed and ``k_proj`` is never called as a module (hooks on it do not fire);
+    gradients reach ``query`` and ``k_proj`` through that product.
+
+    Differences from ``nn.MultiheadAttention``: the ``query`` argument only fixes shapes
+    (it must have the shape of ``key``; queries are learned); ``key`` gives the scores and
+    ``value`` the values; no attention weights are returned (``need_weights`` and
+    ``average_attn_weights`` are accepted and ignored; the second output is None);
+    ``attn_mask`` must be None or the causal mask (anything else raises); a token whose
+    prefix is entirely masked gets output 0 before ``out_proj`` (attention gives NaN).
+    ``in_proj_weight`` / ``in_proj_bias`` are empty placeholder buffers (not parameters,
+    not in the state dict) and ``_qkv_same_embed_dim`` is False, so that code written for
+    ``nn.MultiheadAttention`` (the inference fast paths of ``nn.TransformerEncoderLayer``
+    and ``nn.TransformerEncoder``) finds no fused projection and calls ``forward``.
+    """
+
+    __constants__ = ["batch_first"]
+    bias_k: Optional[Tensor]
+    bias_v: Optional[Tensor]
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False, device=None, dtype=None) -> None:
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be greater than 0, got "
+                             f"embed_dim={embed_dim} and num_heads={num_heads}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
+                             f"({num_heads})")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a probability, got {dropout}")
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.kdim = embed_dim
+        self.vdim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = float(dropout)
+        self.batch_first = batch_first
+        # What nn.MultiheadAttention's users inspect: no fused projection, no extra tokens.
+        self._qkv_same_embed_dim = False
+        self.bias_k = None
+        self.bias_v = None
+        self.add_zero_attn = False
+        self.register_buffer("in_proj_weight", torch.empty(0, **factory_kwargs), persistent=False)
+        self.register_buffer("in_proj_bias", torch.empty(0, **factory_kwargs), persistent=False)
+
+        self.query = nn.Parameter(torch.empty(num_heads, self.head_dim, **factory_kwargs))
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initialization described in the class docstring."""
+        bound = math.sqrt(6.0 / (4 * self.embed_dim))  # xavier_uniform_ of a [3E, E] matrix
+        nn.init.uniform_(self.k_proj.weight, -bound, bound)
+        nn.init.uniform_(self.v_proj.weight, -bound, bound)
+        self.out_proj.reset_parameters()
+        for linear in (self.k_proj, self.v_proj, self.out_proj):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        nn.init.normal_(self.query, std=math.sqrt(0.5))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+                f"bias={self.k_proj.bias is not None}, batch_first={self.batch_first}")
+
+    @classmethod
+    def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> "Aaren":
+        """An Aaren with the size, ``batch_first``, dropout, dtype and device of ``mha``,
+        reusing (copying) its key, value and output projections; the query projection is
+        dropped and the learned query freshly initialized."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim:
+            raise ValueError(
+                f"cannot convert a MultiheadAttention with kdim={mha.kdim}, vdim={mha.vdim} != "
+                f"embed_dim={mha.embed_dim}: it attends over another sequence, and Aaren is "
+                f"self-attention (keys and values come from the input itself)")
+        if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
+            raise ValueError("cannot convert a MultiheadAttention with add_bias_kv or "
+                             "add_zero_attn: Aaren has no extra key/value tokens")
+        weight = mha.in_proj_weight
+        has_bias = mha.in_proj_bias is not None
+        module = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=has_bias,
+                     batch_first=mha.batch_first, device=weight.device, dtype=weight.dtype)
+        e = mha.embed_dim
+        with torch.no_grad():
+            module.k_proj.weight.copy_(weight[e:2 * e])
+            module.v_proj.weight.copy_(weight[2 * e:])
+            module.out_proj.weight.copy_(mha.out_proj.weight)
+            if has_bias:
+                module.k_proj.bias.copy_(mha.in_proj_bias[e:2 * e])
+                module.v_proj.bias.copy_(mha.in_proj_bias[2 * e:])
+            if mha.out_proj.bias is not None and module.out_proj.bias is not None:
+                module.out_proj.bias.copy_(mha.out_proj.bias)
+        for p in module.parameters():
+            p.requires_grad_(weight.requires_grad)
+        module.train(mha.training)
+        return module
+
+    # ---------------------------------------------------------------- internals
+
+    def _score_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """[H, E] weight (and [H] bias) with scores = x @ W^T + b = q_h . k_h / sqrt(hd)."""
+        q = self.query * (self.head_dim ** -0.5)  # [H, hd]
+        w_k = self.k_proj.weight.reshape(self.num_heads, self.head_dim, self.embed_dim)
+        weight = torch.bmm(q.unsqueeze(1).to(w_k.dtype), w_k).squeeze(1)  # [H, E]
+        bias: Optional[Tensor] = None
+        b_k = self.k_proj.bias
+        if b_k is not None:
+            bias = (q.to(b_k.dtype) * b_k.reshape(self.num_heads, self.head_dim)).sum(-1)
+        return weight, bias
+
+    def _drop_tokens(self, values: Tensor) -> Tensor:
+        """Dropout of whole token contributions: values [..., H, hd] * mask [..., H, 1]."""
+        if not self.training or self.dropout == 0.0:
+            return values
+        keep = F.dropout(torch.ones_like(values[..., :1]), p=self.dropout, training=True)
+        return values * keep
+
+    def _attend(self, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                state: Optional[Tuple[Tensor, Tensor]], batch_first: bool
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """key, value: [B, N, E] (batch_first) or [N, B, E]; returns the output in the same
+        layout and the state after the last token."""
+        weight, bias = self._score_projection()
+        scores = F.linear(key, weight, bias)  # [B, N, H] or [N, B, H]
+        values = self.v_proj(value)
+        values = values.view(values.size(0), values.size(1), self.num_heads, self.head_dim)
+        if not batch_first:  # views with the last dimension contiguous: no copies
+            scores = scores.transpose(0, 1)
+            values = values.transpose(0, 1)
+        values = self._drop_tokens(values)
+        scores = _key_padding_to_scores(scores.to(values.dtype), key_padding_mask)
+        out, new_state = _scan(scores, values, state)  # out [B, N, H, hd], contiguous
+        y = self.out_proj(out.flatten(2))
+        if not batch_first:
+            y = y.transpose(0, 1)
+        return y, new_state
+
+    @torch.jit.unused
+    def _forward_nested(self, query: Tensor, key: Tensor, value: Tensor,
+                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor]
+                        ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Nested (ragged) batch_first input, as nn.TransformerEncoder's inference path
+        builds from a padding mask: pad, mask the padding, run, and re-nest."""
+        if not (query is key and key is value):
+            raise ValueError("Aaren: nested tensor input must be self-attention "
+                             "(query, key and value the same tensor)")
+        if key_padding_mask is not None or attn_mask is not None:
+            raise ValueError("Aaren: masks are not supported with nested tensor input "
+                             "(the nesting already says which tokens exist)")
+        if query.dim() != 3:
+            raise ValueError(f"Aaren: expected a nested tensor [batch, *, E], got dim {query.dim()}")
+        lengths = [int(t.size(0)) for t in query.unbind()]
+        padded = query.to_padded_tensor(0.0)
+        n = padded.size(1)
+        positions = torch.arange(n, device=padded.device)
+        padding = positions.unsqueeze(0) >= torch.tensor(lengths, device=padded.device).unsqueeze(1)
+        y, _ = self._attend(padded, padded, padding, None, True)
+        pieces = [y[i, :length] for i, length in enumerate(lengths)]
+        return torch.nested.as_nested_tensor(pieces, layout=query.layout), None
+
+    def merge_masks(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                    query: Tensor) -> Tuple[Optional[Tensor], Optional[int]]:
+        """Exists only so that TorchScript can compile ``nn.TransformerEncoderLayer``'s fused
+        inference path (which Aaren never takes: ``_qkv_same_embed_dim`` is False)."""
+        raise RuntimeError("Aaren has no fused attention kernel; merge_masks is not used")
+
+    # ---------------------------------------------------------------- public API
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """As ``nn.MultiheadAttention.forward``; returns ``(attn_output, None)``.
+
+        query: only fixes the shape (``[N, B, E]``, ``[B, N, E]`` if batch_first, or ``[N, E]``
+        unbatched) and must have the shape of key and value. key: the tokens the scores
+        come from; value: the tokens the values come from (both the input ``x`` in
+        self-attention). key_padding_mask ``[B, N]`` (``[N]`` unbatched): bool, True = ignore
+        the token, or float, added to its scores. attn_mask: None or the causal mask
+        (``[N, N]`` or ``[B * H, N, N]``), else an error. is_causal, need_weights,
+        average_attn_weights: accepted, no effect (Aaren is always causal and returns no
+        weights).
+        """
+        if not torch.jit.is_scripting():
+            if query.is_nested or key.is_nested or value.is_nested:
+                return self._forward_nested(query, key, value, key_padding_mask, attn_mask)
+        if query.dim() not in (2, 3):
+            raise ValueError(f"Aaren: expected query of dim 3 (batched) or 2 (unbatched), got "
+                             f"shape {list(query.shape)}")
+        if query.shape != key.shape or key.shape != value.shape:
+            raise ValueError(
+                f"Aaren is causal self-attention with learned queries: query (which only fixes "
+                f"the output shape), key and value must have the same shape, got "
+                f"{list(query.shape)}, {list(key.shape)} and {list(value.shape)}")
+        if query.size(-1) != self.embed_dim:
+            raise ValueError(f"Aaren: expected inputs with embed_dim={self.embed_dim} features, "
+                             f"got {query.size(-1)}")
+        is_batched = query.dim() == 3
+        batch_first = self.batch_first
+        if not is_batched:  # [N, E] -> [1, N, E]
+            key = key.unsqueeze(0)
+            value = value.unsqueeze(0)
+            batch_first = True
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if attn_mask is not None:
+            _check_causal_mask(attn_mask, key.size(1) if batch_first else key.size(0))
+        y, _ = self._attend(key, value, key_padding_mask, None, batch_first)
+        if not is_batched:
+            y = y.squeeze(0)
+        return y, None
+
+    @torch.jit.export
+    def prefill(self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None,
+                key_padding_mask: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """A chunk of tokens at once (parallel scan), continuing from ``state``.
+
+        x: ``[B, N, E]`` if batch_first else ``[N, B, E]``; key_padding_mask ``[B, N]`` as in
+        ``forward`` (a masked token leaves the state unchanged, so right-padded prompts of
+        different lengths give each sequence its own state). Returns the outputs (same
+        layout as x) and the state after the chunk: ``(lse [B, H], out [B, H, head_dim])``
+        (lse float32, float64 for float64 values; out in the dtype of the values), whose
+        size does not depend on the number of tokens seen. ``state=None`` is the empty
+        state (no tokens yet).
+        """
+        if x.dim() != 3 or x.size(-1) != self.embed_dim:
+            raise ValueError(f"Aaren.prefill: expected x of shape "
+                             f"{'[B, N, E]' if self.batch_first else '[N, B, E]'} with "
+                             f"E={self.embed_dim}, got {list(x.shape)}")
+        return self._attend(x, x, key_padding_mask, state, self.batch_first)
+
+    @torch.jit.export
+    def step(self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
+             ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """One token, the RNN form: x ``[B, E]`` -> (y ``[B, E]``, new state).
+
+        Running ``step`` over a sequence gives the outputs of ``forward`` over it; the state
+        is as in ``prefill`` and its size never grows.
+        """
+        if x.dim() != 2 or x.size(-1) != self.embed_dim:
+            raise ValueError(f"Aaren.step: expected x of shape [B, E] with E={self.embed_dim}, "
+                             f"got {list(x.shape)}")
+        weight, bias = self._score_projection()
+        score = F.linear(x, weight, bias)  # [B, H]
+        value = self._drop_tokens(self.v_proj(x).view(x.size(0), self.num_heads, self.head_dim))
+        out, new_state = _step(score.to(value.dtype), value, state)
+        return self.out_proj(out.flatten(1)), new_state
+
+
+def _activation_fn(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+    if isinstance(activation, str):
+        if activation == "relu":
+            return F.relu
+        if activation == "gelu":
+            return F.gelu
+        raise ValueError(f"activation should be relu/gelu, not {activation}")
+    return activation
+
+
+class AarenEncoderLayer(nn.Module):
+    r"""``nn.TransformerEncoderLayer`` with ``Aaren`` as self-attention.
+
+    Same constructor arguments and submodule names (``self_attn``, ``linear1``, ``dropout``,
+    ``linear2``, ``norm1``, ``norm2``, ``dropout1``, ``dropout2``), so the state dict of an
+    ``nn.TransformerEncoderLayer`` converted by ``aaren.convert`` loads into it. Adds
+    ``prefill`` and ``step`` (constant-memory streaming; state = the ``Aaren`` state).
+    """
+
+    __constants__ = ["norm_first"]
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
+                 dropout: float = 0.1,
+                 activation: Union[str, Callable[[Tensor], Tensor]] = F.relu,
+                 layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None, dtype=None) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.self_attn = Aaren(d_model, nhead, dropout=dropout, bias=bias,
+                               batch_first=batch_first, **factory_kwargs)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory_kwargs)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = _activation_fn(activation)
+
+    @classmethod
+    def from_transformer_encoder_layer(cls, layer: nn.TransformerEncoderLayer
+                                       ) -> "AarenEncoderLayer":
+        """A copy of an ``nn.TransformerEncoderLayer`` (its self-attention converted by
+        ``aaren.convert`` or not yet: then as ``convert`` would) as an AarenEncoderLayer."""
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            raise TypeError(f"expected nn.TransformerEncoderLayer, got {type(layer).__name__}")
+        attn = layer.self_attn
+        if isinstance(attn, nn.MultiheadAttention):
+            attn = Aaren.from_multihead_attention(attn)
+        if not isinstance(attn, Aaren):
+            raise TypeError(f"layer.self_attn is a {type(attn).__name__}, not Aaren or "
+                            f"nn.MultiheadAttention")
+        weight = layer.linear1.weight
+        activation = layer.activation
+        if isinstance(activation, nn.Module):
+            activation = copy.deepcopy(activation)
+        new = cls(attn.embed_dim, attn.num_heads, dim_feedforward=layer.linear1.out_features,
+                  dropout=layer.dropout.p, activation=activation,
+                  layer_norm_eps=layer.norm1.eps, batch_first=attn.batch_first,
+                  norm_first=layer.norm_first, bias=layer.linear1.bias is not None,
+                  device=weight.device, dtype=weight.dtype)
+        new.self_attn = copy.deepcopy(attn)
+        state = {k: v for k, v in layer.state_dict().items() if not k.startswith("self_attn.")}
+        missing, unexpected = new.load_state_dict(state, strict=False)
+        if unexpected or any(not key.startswith("self_attn.") for key in missing):
+            raise ValueError(f"cannot copy {type(layer).__name__}: missing {missing}, "
+                             f"unexpected {unexpected}")
+        new.train(layer.training)
+        return new
+
+    def _attn_input(self, x: Tensor) -> Tensor:
+        return self.norm1(x) if self.norm_first else x
+
+    def _finish(self, x: Tensor, attn: Tensor) -> Tensor:
+        """The residual connections, norms and feed-forward block around self-attention."""
+        if self.norm_first:
+            x = x + self.dropout1(attn)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self.dropout1(attn))
+        return self.norm2(x + self._ff_block(x))
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
+                src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        """As ``nn.TransformerEncoderLayer.forward`` (src_mask: None or the causal mask)."""
+        h = self._attn_input(src)
+        attn = self.self_attn(h, h, h, key_padding_mask=src_key_padding_mask,
+                              need_weights=False, attn_mask=src_mask, is_causal=is_causal)[0]
+        return self._finish(src, attn)
+
+    @torch.jit.export
+    def prefill(self, src: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None,
+                src_key_padding_mask: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """A chunk of tokens (batched, in the layer's layout), continuing from ``state``."""
+        attn, new_state = self.self_attn.prefill(self._attn_input(src), state,
+                                                 src_key_padding_mask)
+        return self._finish(src, attn), new_state
+
+    @torch.jit.export
+    def step(self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
+             ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """One token ``[B, E]``."""
+        attn, new_state = self.self_attn.step(self._attn_input(x), state)
+        return self._finish(x, attn), new_state
+
+
+class AarenEncoder(nn.Module):
+    r"""``nn.TransformerEncoder`` for ``AarenEncoderLayer``: ``num_layers`` copies of
+    ``encoder_layer`` (deep copies, identical at first, as in PyTorch) and an optional final
+    ``norm``. ``prefill``/``step`` take and return a list with one state per layer.
+
+    ``enable_nested_tensor`` and ``mask_check`` are accepted for signature compatibility and
+    ignored (there is no nested-tensor inference path).
+    """
+
+    def __init__(self, encoder_layer: AarenEncoderLayer, num_layers: int,
+                 norm: Optional[nn.Module] = None, enable_nested_tensor: bool = True,
+                 mask_check: bool = True) -> None:
+        super().__init__()
+        if not isinstance(encoder_layer, AarenEncoderLayer):
+            raise TypeError(
+                f"AarenEncoder needs an AarenEncoderLayer, got {type(encoder_layer).__name__} "
+                f"(use aaren.convert for an nn.TransformerEncoder, or "
+                f"AarenEncoder.from_transformer_encoder)")
+        self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+        self.enable_nested_tensor = enable_nested_tensor
+        self.mask_check = mask_check
+
+    @classmethod
+    def from_transformer_encoder(cls, encoder: nn.TransformerEncoder) -> "AarenEncoder":
+        """A copy of an ``nn.TransformerEncoder`` (converted by ``aaren.convert`` or not) as
+        an AarenEncoder, e.g. to stream a trained model with ``step``."""
+        if not isinstance(encoder, nn.TransformerEncoder):
+            raise TypeError(f"expected nn.TransformerEncoder, got {type(encoder).__name__}")
+        layers = [AarenEncoderLayer.from_transformer_encoder_layer(layer)
+                  for layer in encoder.layers]
+        new = cls(layers[0], 0, norm=copy.deepcopy(encoder.norm))
+        new.layers = nn.ModuleList(layers)
+        new.num_layers = len(layers)
+        new.train(encoder.training)
+        return new
+
+    def _check_states(self, states: Optional[List[Tuple[Tensor, Tensor]]]) -> None:
+        if states is not None and len(states) != self.num_layers:
+            raise ValueError(f"AarenEncoder: expected {self.num_layers} states (one per layer), "
+                             f"got {len(states)}")
+
+    def forward(self, src: Tensor, mask: Optional[Tensor] = None,
+                src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: Optional[bool] = None) -> Tensor:
+        """As ``nn.TransformerEncoder.forward`` (mask: None or the causal mask)."""
+        output = src
+        for layer in self.layers:
+            output = layer(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                           is_causal=is_causal is not None and is_causal)
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+    @torch.jit.export
+    def prefill(self, src: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None,
+                src_key_padding_mask: Optional[Tensor] = None
+                ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+        """A chunk of tokens through every layer, continuing from ``states``."""
+        self._check_states(states)
+        output = src
+        new_states: List[Tuple[Tensor, Tensor]] = []
+        for i, layer in enumerate(self.layers):
+            state: Optional[Tuple[Tensor, Tensor]] = None
+            if states is not None:
+                state = states[i]
+            output, new_state = layer.prefill(output, state, src_key_padding_mask)
+            new_states.append(new_state)
+        if self.norm is not None:
+            output = self.norm(output)
+        return output, new_states
+
+    @torch.jit.export
+    def step(self, x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
+             ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+        """One token ``[B, E]`` through every layer."""
+        self._check_states(states)
+        output = x
+        new_states: List[Tuple[Tensor, Tensor]] = []
+        for i, layer in enumerate(self.layers):
+            state: Optional[Tuple[Tensor, Tensor]] = None
+            if states is not None:
+                state = states[i]
+            output, new_state = layer.step(output, state)
+            new_states.append(new_state)
+        if self.norm is not None:
+            output = self.norm(output)
+        return output, new_states
+
+
+def convert(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Module:
+    """Replaces ``nn.MultiheadAttention`` self-attention in ``model`` by ``Aaren``, in place.
+
+    By default every ``nn.MultiheadAttention`` registered as ``self_attn`` (PyTorch's name
+    for self-attention in ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``,
+    hence inside ``nn.TransformerEncoder``/``Decoder``/``Transformer``) is replaced; cross-
+    attention (``multihead_attn`` of a decoder layer) and any other attention are left
+    alone, since Aaren can only attend over its own input. For custom models, ``names``
+    lists the qualified names of the modules to replace (each must be an
+    ``nn.MultiheadAttention`` used as self-attention).
+
+    Each ``Aaren`` has the embed_dim, num_heads, dropout, batch_first, dtype, device and
+    training mode of the module it replaces and copies its key, value and output projections
+    (``in_proj_weight[E:2E]``, ``[2E:3E]``, ``out_proj``); the query projection is dropped and
+    the learned queries are freshly initialized, so a converted model needs training (it is
+    also causal now, which changes what a bidirectional encoder computes). Modules shared
+    between several places stay shared. ``nn.TransformerEncoder``s whose layers now hold an
+    ``Aaren`` get ``use_nested_tensor = False``.
+
+    Returns ``model`` (or the new ``Aaren`` if ``model`` itself is an
+    ``nn.MultiheadAttention``); the qualified names replaced are stored in its
+    ``aaren_converted`` attribute (a list of str) and logged to the "aaren" logger.
+    Raises ValueError for a module that cannot be converted (kdim/vdim != embed_dim,
+    add_bias_kv, add_zero_attn) and for ``names`` that are not ``nn.MultiheadAttention``.
+    """
+    if isinstance(model, nn.MultiheadAttention):
+        attn = Aaren.from_multihead_attention(model)
+        attn.aaren_converted = [""]
+        return attn
+    wanted = None if names is None else set(names)
+    targets: List[Tuple[nn.Module, str, str, nn.MultiheadAttention]] = []
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent._modules.items():  # every name, shared ones too
+            if child is None:
+                continue
+            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+            if wanted is None:
+                if child_name == "self_attn" and isinstance(child, nn.MultiheadAttention):
+                    targets.append((parent, child_name, qualified, child))
+            elif qualified in wanted:
+                if not isinstance(child, nn.MultiheadAttention):
+                    raise ValueError(f"convert: {qualified} is a {type(child).__name__}, "
+                                     f"not nn.MultiheadAttention")
+                targets.append((parent, child_name, qualified, child))
+    if wanted is not None:
+        missing = wanted - {t[2] for t in targets}
+        if missing:
+            raise ValueError(f"convert: no modules named {sorted(missing)} in the model")
+    converted = {}  # id(MultiheadAttention) -> Aaren: shared modules stay shared
+    replaced: List[str] = []
+    for _, _, qualified, mha in targets:  # check every module before changing any
+        if id(mha) not in converted:
+            converted[id(mha)] = Aaren.from_multihead_attention(mha)
+    for parent, child_name, qualified, mha in targets:
+        setattr(parent, child_name, converted[id(mha)])
+        replaced.append(qualified)
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+                isinstance(getattr(layer, "self_attn", None), Aaren) for layer in module.layers):
+            module.use_nested_tensor = False
+    previous = getattr(model, "aaren_converted", None)
+    model.aaren_converted = (list(previous) if isinstance(previous, list) else []) + replaced
+    if replaced:
+        _log.info("aaren.convert replaced %d nn.MultiheadAttention: %s", len(replaced),
+                  ", ".join(replaced))
+    else:
+        _log.warning("aaren.convert found no nn.MultiheadAttention used as self-attention")
+    return model
