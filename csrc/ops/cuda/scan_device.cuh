@@ -94,24 +94,45 @@ __device__ __forceinline__ acc_t reverse_linear_scan(acc_t a, acc_t c, acc_t car
   return c + a * carry;
 }
 
-// x[j] on every lane are the lane's partial sums for the tile's 32 tokens; returns, on
-// lane j, the sum of x[j] over the warp. A butterfly that halves the values it carries
-// at each step: 31 shuffles for 32 sums, where a reduction per token would take 160.
-// Fixed order, so deterministic. x is clobbered.
-template <typename acc_t>
-__device__ __forceinline__ acc_t transpose_sum(acc_t (&x)[kWarpSize], int lane) {
+// One step of group_token_sums: lanes pair up across lane bit HALF; each keeps half of
+// the 2 HALF token sums it carries (the upper lane the upper half) and adds its
+// partner's. HALF is a template parameter so that every index into x is a compile-time
+// constant and x stays in registers.
+template <int HALF, int TOKENS, typename acc_t>
+__device__ __forceinline__ void token_sums_step(acc_t (&x)[TOKENS], int lane) {
+  const bool upper = (lane & HALF) != 0;
 #pragma unroll
-  for (int half = kWarpSize / 2; half >= 1; half /= 2) {
-    const bool upper = (lane & half) != 0;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      // The upper lane of each pair keeps tokens [half, 2 half) of the current range.
-      const acc_t send = upper ? x[i] : x[i + half];
-      const acc_t keep = upper ? x[i + half] : x[i];
-      x[i] = keep + __shfl_xor_sync(kFullMask, send, half);
-    }
+  for (int i = 0; i < HALF; ++i) {
+    // Select values, not elements: a select of two array elements is a select of
+    // their addresses, which would put x in local memory.
+    const acc_t low = x[i];
+    const acc_t high = x[i + HALF];
+    const acc_t send = upper ? low : high;
+    const acc_t keep = upper ? high : low;
+    x[i] = keep + __shfl_xor_sync(kFullMask, send, HALF);
   }
-  return x[0];
+  if constexpr (HALF > 1) {
+    token_sums_step<HALF / 2>(x, lane);
+  }
+}
+
+// x[t] on every lane is the lane's share of a sum for token t of a group of TOKENS
+// (a power of two <= 32). Returns, on lane l, the warp's sum for token l % TOKENS.
+// A butterfly that halves the values each lane carries at every step, then adds across
+// the remaining lane bits: TOKENS - 1 + log2(32 / TOKENS) shuffles for TOKENS sums, where
+// a reduction per token takes 5 each. Fixed order, so deterministic. x is clobbered.
+template <int TOKENS, typename acc_t>
+__device__ __forceinline__ acc_t group_token_sums(acc_t (&x)[TOKENS], int lane) {
+  static_assert(TOKENS >= 1 && TOKENS <= kWarpSize && (TOKENS & (TOKENS - 1)) == 0);
+  if constexpr (TOKENS > 1) {
+    token_sums_step<TOKENS / 2>(x, lane);
+  }
+  acc_t sum = x[0];
+#pragma unroll
+  for (int offset = TOKENS; offset < kWarpSize; offset *= 2) {
+    sum += __shfl_xor_sync(kFullMask, sum, offset);
+  }
+  return sum;
 }
 
 // Sum over the warp, on every lane.
