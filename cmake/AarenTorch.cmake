@@ -39,8 +39,7 @@ endfunction()
 aaren_torch_library(aaren::torch c10 torch_cpu torch)
 set_target_properties(aaren::torch PROPERTIES
   INTERFACE_INCLUDE_DIRECTORIES
-    "${AAREN_TORCH_DIR}/include;${AAREN_TORCH_DIR}/include/torch/csrc/api/include"
-  INTERFACE_LINK_OPTIONS "LINKER:-rpath,${AAREN_TORCH_DIR}/lib")
+    "${AAREN_TORCH_DIR}/include;${AAREN_TORCH_DIR}/include/torch/csrc/api/include")
 
 set(AAREN_TORCH_HAS_CUDA OFF)
 if(EXISTS "${AAREN_TORCH_DIR}/lib/${CMAKE_SHARED_LIBRARY_PREFIX}torch_cuda${CMAKE_SHARED_LIBRARY_SUFFIX}")
