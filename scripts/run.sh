@@ -47,6 +47,8 @@ setup() {
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==$TORCH_VERSION" numpy pytest hypothesis expecttest \
     pybind11 ninja "cmake>=3.24" setuptools wheel
+  # The paper-claims benchmark and example: real datasets shipped inside sktime, plots, progress.
+  python -m pip install -q "sktime==1.2.0" "matplotlib==3.11.2" "tqdm==4.70.1"
   log "building and installing aaren (MAX_JOBS=$MAX_JOBS, CUDA archs $TORCH_CUDA_ARCH_LIST)"
   AAREN_BUILD_TESTS=1 python -m pip install -q --no-build-isolation --no-deps .
   python -m aaren
