@@ -204,3 +204,5 @@ def test_into_forms_reject_wrong_buffers(device):
         into(scores, values, None, None, torch.empty_like(values).double(), lse)
     with pytest.raises(RuntimeError, match="out must be contiguous"):
         into(scores, values, None, None, torch.empty_like(values).transpose(0, 1).contiguous().transpose(0, 1), lse)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        into(scores, values, None, None, values, lse)  # in place over an input

@@ -2,6 +2,7 @@
 // the Meta (fake tensor) registration used by torch.compile and torch.export.
 #include "ops/scan.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -97,8 +98,8 @@ void check_same_shape(const char* op, const at::Tensor& t, const char* name,
               like_name, " ", like.sym_sizes(), ", got ", t.sym_sizes());
 }
 
-// An output given by the caller (the .out overloads) must be exactly what the kernel
-// would have allocated: kernels write contiguous rows.
+// An output given by the caller (the _into forms) must be exactly what the kernel would
+// have allocated: kernels write contiguous rows.
 at::Tensor checked_output(const char* op, const std::optional<at::Tensor>& given, const char* name,
                           c10::SymIntArrayRef sizes, const at::TensorOptions& options) {
   if (!given.has_value()) {
@@ -115,13 +116,18 @@ at::Tensor checked_output(const char* op, const std::optional<at::Tensor>& given
   return t;
 }
 
-}  // namespace
-
-at::ScalarType state_dtype(at::ScalarType values_dtype) {
-  return values_dtype == at::kDouble ? at::kDouble : at::kFloat;
+// Outputs given by the caller must not share memory with any input: the kernels read
+// inputs after writing earlier rows. (Real tensors only: Meta ones have no memory.)
+void check_no_overlap(std::initializer_list<std::optional<at::Tensor>> outputs,
+                      std::initializer_list<std::optional<at::Tensor>> inputs) {
+  for (const auto& output : outputs) {
+    for (const auto& input : inputs) {
+      if (output.has_value() && input.has_value() && input->defined()) {
+        at::assert_no_overlap(*output, *input);
+      }
+    }
+  }
 }
-
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> run_forward(
     const char* op, ForwardKernel kernel, const at::Tensor& scores, const at::Tensor& values,
@@ -133,12 +139,17 @@ std::tuple<at::Tensor, at::Tensor> run_forward(
                    checked_output(op, lse, "lse", scores.sym_sizes(),
                                   values.options().dtype(state_dtype(values.scalar_type())))};
   if (kernel != nullptr) {
+    check_no_overlap({out, lse}, {scores, values, state_lse, state_out});
     kernel(args);
   }
   return {args.out, args.lse};
 }
 
 }  // namespace
+
+at::ScalarType state_dtype(at::ScalarType values_dtype) {
+  return values_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 std::tuple<at::Tensor, at::Tensor> scan_forward_with(
     ForwardKernel kernel, const at::Tensor& scores, const at::Tensor& values,
@@ -211,6 +222,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
   args.grad_state_out = checked_output(op, outputs.grad_state_out, "grad_state_out",
                                        {batch, heads, head_dim}, values.options());
   if (kernel != nullptr) {
+    check_no_overlap({outputs.grad_scores, outputs.grad_values, outputs.grad_state_lse,
+                      outputs.grad_state_out},
+                     {args.grad_out, args.grad_lse, scores, values, out, lse, state_lse, state_out});
     kernel(args);
   }
   return {args.grad_scores, args.grad_values, args.grad_state_lse, args.grad_state_out};
