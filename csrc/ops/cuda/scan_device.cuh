@@ -4,7 +4,8 @@
 // scalars (scores, lse, gates) live one token per lane, so the scalar recurrences of a
 // tile are warp scans over the lanes; the D-vector recurrences run per feature, lanes
 // over features, stepping through the tile's tokens with the gates broadcast by shuffles.
-// The arithmetic on (lse, out) values is that of aaren/combine.h, shared with the CPU.
+// The arithmetic (the forward's online softmax, the backward's (lse, out) gates) is that
+// of aaren/combine.h, shared with the CPU.
 #pragma once
 
 #include <cstdint>
@@ -41,37 +42,71 @@ __device__ __forceinline__ void store_pack(T* ptr, const acc_t (&x)[VEC]) {
   *reinterpret_cast<Pack<T, VEC>*>(ptr) = pack;
 }
 
-// The forward step of one token, o' = keep * o + take * v, and the lse after it.
+// The scalars of the forward's online softmax (aaren/combine.h) over some tokens: their
+// maximum score m and the denominator u = sum e^(s_i - m). A token is (s, 1); a masked
+// token (s = -inf) and the empty state are (-inf, 0). The numerator w = sum e^(s_i - m) v_i
+// is kept per feature; per token, out = w / u and lse = m + log u.
 template <typename acc_t>
-struct StepWeights {
-  acc_t lse;
+struct MaxSum {
+  acc_t max;
+  acc_t sum;
+};
+
+// The state (L0, o0) before a sequence (or a chunk) enters as (m, u, w) = (L0, 1, o0), or
+// (-inf, 0, 0) when L0 = -inf; `sum != 0` says whether o0 enters as the numerator.
+template <typename acc_t>
+__device__ __forceinline__ MaxSum<acc_t> entering_state(acc_t lse) {
+  return {lse, lse == negative_infinity<acc_t>() ? acc_t(0) : acc_t(1)};
+}
+
+// A then B: m = max(m_A, m_B), u = u_A e^(m_A - m) + u_B e^(m_B - m), with the weights as
+// add_score forms them: the side holding the maximum has weight exactly 1, -inf - -inf is
+// never formed, and NaN on either side gives NaN. Associative up to rounding.
+template <typename acc_t>
+__device__ __forceinline__ MaxSum<acc_t> merge_max_sum(const MaxSum<acc_t>& a,
+                                                       const MaxSum<acc_t>& b) {
+  acc_t max = a.max;
+  const RescaleWeights<acc_t> w = add_score(max, b.max);
+  return {max, fma(w.weight_old, a.sum, w.weight_new * b.sum)};
+}
+
+// The online softmax of a tile, token `lane` on each lane, from the state `carry` before
+// the tile: `state` is (m, u) after the token, and the token's step of the numerator is
+// w' = keep * w + take * v, keep = e^(m_before - m), take = e^(s - m).
+template <typename acc_t>
+struct TileSoftmax {
+  MaxSum<acc_t> state;
   acc_t keep;
   acc_t take;
 };
 
-// The forward weights of a tile, token `lane` on each lane, given the lse before the
-// tile. The lse of every prefix is a log-sum-exp scan over the lanes (log_add_exp is
-// associative; this only regroups the CPU's left-to-right sum). The weights then follow
-// from consecutive lse values exactly as combine_weights forms them, so masked tokens
-// and an all-masked prefix get exactly 0 (exp_of_difference never forms -inf - -inf).
-// Lanes past the end of the sequence must pass score = -inf: they repeat the last lse.
+// The states are an inclusive scan of merge_max_sum over the lanes: the maxima are exact
+// (a max-scan) and the denominators only regroup the CPU's left-to-right sum, with no
+// rounding carried from token to token beyond that of a sum. keep and take are exactly
+// the CPU's: add_score of the token's score into the maximum before it, so one of them is
+// 1, and masked tokens and an all-masked prefix get exactly (1, 0) (then out = 0 and
+// lse = -inf via reciprocal_or_zero and lse_of). Lanes past the end of the sequence must
+// pass score = -inf: they repeat the last state.
 template <typename acc_t>
-__device__ __forceinline__ StepWeights<acc_t> tile_step_weights(acc_t score, acc_t carry_lse,
-                                                                 int lane) {
-  acc_t prefix = score;
+__device__ __forceinline__ TileSoftmax<acc_t> tile_online_softmax(acc_t score,
+                                                                  const MaxSum<acc_t>& carry,
+                                                                  int lane) {
+  MaxSum<acc_t> prefix{score, score == negative_infinity<acc_t>() ? acc_t(0) : acc_t(1)};
 #pragma unroll
   for (int offset = 1; offset < kWarpSize; offset *= 2) {
-    const acc_t earlier = __shfl_up_sync(kFullMask, prefix, offset);
+    const MaxSum<acc_t> earlier{__shfl_up_sync(kFullMask, prefix.max, offset),
+                                __shfl_up_sync(kFullMask, prefix.sum, offset)};
     if (lane >= offset) {
-      prefix = log_add_exp(earlier, prefix);
+      prefix = merge_max_sum(earlier, prefix);
     }
   }
-  const acc_t lse = log_add_exp(carry_lse, prefix);
-  acc_t previous = __shfl_up_sync(kFullMask, lse, 1);
+  const MaxSum<acc_t> state = merge_max_sum(carry, prefix);
+  acc_t max_before = __shfl_up_sync(kFullMask, state.max, 1);
   if (lane == 0) {
-    previous = carry_lse;
+    max_before = carry.max;
   }
-  return {lse, exp_of_difference(previous, lse), exp_of_difference(score, lse)};
+  const RescaleWeights<acc_t> weights = add_score(max_before, score);
+  return {state, weights.weight_old, weights.weight_new};
 }
 
 // A reverse first-order linear recurrence over the lanes of a tile:

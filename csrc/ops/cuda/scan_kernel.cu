@@ -1,30 +1,39 @@
 // CUDA kernels of the scan, forward and backward. Same results as the CPU kernels
-// (ops/cpu/scan_kernel.cpp), with the same (lse, out) arithmetic (aaren/combine.h).
+// (ops/cpu/scan_kernel.cpp), with the same arithmetic (aaren/combine.h).
 //
 // Both directions are first-order linear recurrences over the tokens of each (batch,
 // head) sequence, with gates that depend only on per-token scalars:
-//   forward   o_k = a_k o_{k-1} + b_k v_k,  a_k = e^(L_{k-1} - L_k), b_k = e^(s_k - L_k),
-//             L_k the log-sum-exp prefix scan of the scores;
+//   forward   the online softmax (docs/design.md): running max m_k, denominator
+//             u_k = sum e^(s_i - m_k) and, per feature, the unnormalized numerator
+//             w_k = alpha_k w_{k-1} + beta_k v_k,  alpha_k = e^(m_{k-1} - m_k),
+//             beta_k = e^(s_k - m_k) (one of them exactly 1); out_k = w_k / u_k and
+//             L_k = m_k + log u_k. (The normalized form o_k = a_k o_{k-1} + b_k v_k with
+//             a_k = e^(L_{k-1} - L_k) would round L at every token, and those roundings
+//             accumulate in o.)
 //   backward  R_i = g_i + a_i R_{i+1},  rho_i = (g_i . o_i - G_i) + a_i rho_{i+1},
 //             a_i = e^(L_i - L_{i+1}) from the saved lse; dv_i = e^(s_i - L_i) R_i,
 //             ds_i = e^(s_i - L_i) (v_i . R_i - rho_i).
 //
 // Work layout. A warp walks the tokens of one sequence (or one chunk of it) in tiles of
 // 32: lane j holds token j's scalars, so the scalar recurrences of a tile are warp scans
-// (scan_device.cuh), and then every lane steps through the tile's tokens for its own
+// (scan_device.cuh: forward, a scan of the (m, u) merge, whose maxima are exact; backward,
+// an affine suffix scan), and then every lane steps through the tile's tokens for its own
 // features (VEC contiguous ones per access), the gates broadcast by shuffles. Values are
-// loaded a batch of tokens ahead of their use to keep enough bytes in flight.
+// loaded a batch of tokens ahead of their use to keep enough bytes in flight. Between
+// tiles the forward carries (m, u) and w, so nothing is renormalized within a chunk.
 //
 // Chunks. When the sequences x feature tiles are too few warps to fill the GPU, the
 // sequence is split into chunks, in three phases, with no inter-block waiting:
 //   1. summarize: each chunk's own result from an empty start (forward: the (lse, out)
-//      of its tokens; backward: R and rho at its first token with nothing after it);
+//      of its tokens, (m + log u, w / u); backward: R and rho at its first token with
+//      nothing after it);
 //   2. the summaries form a sequence of their own, with the same recurrence (a chunk is
 //      one "token" with score = its lse and value = its out; backward: gate
 //      e^(L_first(c) - L_first(c+1)), the product of the chunk's gates), scanned by the
 //      same code, itself chunked when long;
 //   3. scan: each chunk again, from the state its predecessor (forward) or successor
-//      (backward) left, writing the outputs.
+//      (backward) left, writing the outputs (the forward enters a state (L, o) as
+//      (m, u, w) = (L, 1, o), or (-inf, 0, 0) for L = -inf, like the initial state).
 // Phases 1 and 3 both read the chunk, so a split pass moves 1.5x the bytes of a single
 // one: it is used only when a single pass would leave the GPU mostly idle.
 //
@@ -174,16 +183,19 @@ constexpr int kForwardThreads = kForwardWarps * kWarpSize;
 constexpr int kBackwardMaxWarps = 8;  // warps sharing one sequence's features
 constexpr int kBackwardMaxThreads = kBackwardMaxWarps * kWarpSize;
 
-// One warp per (sequence, chunk, feature tile). kSummarize: phase 1, the chunk from the
+// One warp per (sequence, chunk, feature tile), running the online softmax over the
+// chunk's tokens: (m, u) per tile by tile_online_softmax (every dtile warp of a sequence
+// computes the same scalars), w per feature. kSummarize: phase 1, the chunk from the
 // empty state, writing only its final (lse, out); otherwise the chunk from its carried-in
-// state, writing out and lse for every token.
+// state, writing out = w / u and lse = m + log u for every token.
 template <typename T, typename state_t, int VEC, bool kSummarize>
 __global__ void __launch_bounds__(kForwardThreads, 4)
     forward_chunk_kernel(const ForwardParams<T, state_t> p) {
   using acc_t = at::opmath_type<T>;
   // Tokens whose values are loaded ahead of use: 32 to 128 bytes in flight per lane
-  // (at most 16 tokens: more addresses than that would spill registers).
-  constexpr int kBatch = std::min(16, kWarpSize / VEC);
+  // (at most 16 tokens, 8 of an 8-byte type: more than that spills registers, since each
+  // token's three broadcast weights are held alongside its values).
+  constexpr int kBatch = std::min(sizeof(T) >= 8 ? 8 : 16, kWarpSize / VEC);
 
   const int lane = threadIdx.x % kWarpSize;
   const int64_t item =
@@ -203,33 +215,35 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
   const int64_t d = (dtile * kWarpSize + lane) * VEC;
   const bool active = d < shape.dim;  // VEC divides dim: a lane's features are all in
 
-  // The state before the chunk's first token.
-  acc_t lse = negative_infinity<acc_t>();
-  acc_t o[VEC];
+  // The online softmax before the chunk's first token: (m, u) and this lane's numerators
+  // w. The state (L0, o0) (chunk 0) or the carry from the previous chunks enters as
+  // (L0, 1, o0), the empty one (L0 = -inf) as (-inf, 0, 0).
+  MaxSum<acc_t> carry{negative_infinity<acc_t>(), acc_t(0)};
+  acc_t w[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    o[k] = acc_t(0);
+    w[k] = acc_t(0);
   }
   if constexpr (!kSummarize) {
     if (chunk == 0) {
       if (p.state_lse.data != nullptr) {
-        lse = *p.state_lse.row(b, h);
-        if (active) {
+        carry = entering_state(*p.state_lse.row(b, h));
+        if (active && carry.sum != acc_t(0)) {
           const state_t* row = p.state_out.row(b, h) + d;  // any alignment: per element
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            o[k] = static_cast<acc_t>(row[k]);
+            w[k] = static_cast<acc_t>(row[k]);
           }
         }
       }
     } else {
       const int64_t index = shape.chunk_index(b, chunk - 1, h);
-      lse = p.carry_lse[index];
-      if (active) {
-        const Pack<acc_t, VEC> carry = load_pack<VEC>(p.carry_out + index * shape.dim + d);
+      carry = entering_state(p.carry_lse[index]);
+      if (active && carry.sum != acc_t(0)) {
+        const Pack<acc_t, VEC> carried = load_pack<VEC>(p.carry_out + index * shape.dim + d);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          o[k] = carry.elem[k];
+          w[k] = carried.elem[k];
         }
       }
     }
@@ -242,13 +256,16 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
     const int64_t n = tile + lane;
     const acc_t score = lane < count ? static_cast<acc_t>(score_row[n * p.scores.stride_n])
                                      : negative_infinity<acc_t>();
-    const StepWeights<acc_t> w = tile_step_weights(score, lse, lane);
+    const TileSoftmax<acc_t> t = tile_online_softmax(score, carry, lane);
+    acc_t inverse = 0;  // 1 / u after token `lane`
     if constexpr (!kSummarize) {
       if (dtile == 0 && lane < count) {
-        p.lse[shape.token_index(b, n, h)] = w.lse;
+        p.lse[shape.token_index(b, n, h)] = lse_of(t.state.max, t.state.sum);
       }
+      inverse = reciprocal_or_zero(t.state.sum);
     }
-    lse = __shfl_sync(kFullMask, w.lse, kWarpSize - 1);
+    carry = {__shfl_sync(kFullMask, t.state.max, kWarpSize - 1),
+             __shfl_sync(kFullMask, t.state.sum, kWarpSize - 1)};
 
     for (int first = 0; first < count; first += kBatch) {
       Pack<T, VEC> v[kBatch];
@@ -260,12 +277,18 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const acc_t keep = __shfl_sync(kFullMask, w.keep, first + u);
-        const acc_t take = __shfl_sync(kFullMask, w.take, first + u);
+        const acc_t keep = __shfl_sync(kFullMask, t.keep, first + u);
+        const acc_t take = __shfl_sync(kFullMask, t.take, first + u);
+        acc_t scale = 0;
+        if constexpr (!kSummarize) {
+          scale = __shfl_sync(kFullMask, inverse, first + u);
+        }
         if (active && first + u < count) {
+          acc_t o[VEC];
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            o[k] = fma(keep, o[k], take * static_cast<acc_t>(v[u].elem[k]));
+            w[k] = fma(keep, w[k], take * static_cast<acc_t>(v[u].elem[k]));
+            o[k] = w[k] * scale;
           }
           if constexpr (!kSummarize) {
             store_pack<VEC>(p.out + shape.token_index(b, tile + first + u, h) * shape.dim + d, o);
@@ -276,11 +299,18 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
   }
 
   if constexpr (kSummarize) {
+    // The chunk as one (lse, out) pair: m + log u and w / u.
     const int64_t index = shape.chunk_index(b, chunk, h);
     if (dtile == 0 && lane == 0) {
-      p.summary_lse[index] = lse;
+      p.summary_lse[index] = lse_of(carry.max, carry.sum);
     }
     if (active) {
+      const acc_t inverse = reciprocal_or_zero(carry.sum);
+      acc_t o[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        o[k] = w[k] * inverse;
+      }
       store_pack<VEC>(p.summary_out + index * shape.dim + d, o);
     }
   }
