@@ -22,31 +22,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from aaren.reference import hillis_steele_scan
+
 BENCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _local_hillis_steele_scan(scores, values):
-    """log2(N) rounds of the (lse, out) combine over the whole sequence (plain PyTorch)."""
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    lse = scores.to(acc).unsqueeze(-1)
-    out = torch.where(lse == float("-inf"), 0.0, values.to(acc))
-    offset = 1
-    while offset < values.size(1):
-        earlier_lse, earlier_out = lse[:, :-offset], out[:, :-offset]
-        later_lse, later_out = lse[:, offset:], out[:, offset:]
-        merged = torch.logaddexp(earlier_lse, later_lse)
-        w_earlier = torch.where(earlier_lse == float("-inf"), 0.0, torch.exp(earlier_lse - merged))
-        w_later = torch.where(later_lse == float("-inf"), 0.0, torch.exp(later_lse - merged))
-        lse = torch.cat([lse[:, :offset], merged], dim=1)
-        out = torch.cat([out[:, :offset], w_earlier * earlier_out + w_later * later_out], dim=1)
-        offset *= 2
-    return out.to(values.dtype)
-
-
-try:
-    from aaren.reference import hillis_steele_scan
-except ImportError:  # an older package: the same algorithm, kept here
-    hillis_steele_scan = _local_hillis_steele_scan
 
 
 def time_ms(fn, warmup, reps):
