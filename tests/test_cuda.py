@@ -107,7 +107,7 @@ def test_cuda_graph_capture_and_replay():
     values.copy_(torch.randn_like(values))
     graph.replay()
     torch.cuda.synchronize()
-    reference, ref_lse = reference_scan(scores[:, :500].cpu(), values[:, :500].cpu())
+    reference, _ = reference_scan(scores[:, :500].cpu(), values[:, :500].cpu())
     torch.testing.assert_close(out[:, :500].cpu().double(), reference, rtol=2e-4, atol=2e-4)
 
 
