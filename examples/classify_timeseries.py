@@ -3,7 +3,7 @@
 Classification on datasets of the UEA/UCR archives and forecasting on classic series, all
 shipped inside the sktime package (read from its site-packages folder: nothing is
 downloaded). Both models are the same sequence model around the two stacks of
-benchmarks/bench_streaming.py (`build_stacks`: same width, depth, heads, layer structure
+aaren.baselines (`build_stacks`: same width, depth, heads, layer structure
 and, to within 0.1%, parameter count); only the attention differs: `aaren.AarenEncoder`
 (one learned query per head, a parallel scan) or causal softmax attention with
 `scaled_dot_product_attention(is_causal=True)`. Both are causal.
@@ -27,7 +27,6 @@ model selection on the test set). Seeds 0..S-1 (initialization and batch order).
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -38,10 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The two stacks are defined once, for the streaming benchmark and for this example.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-from bench_streaming import build_stacks  # noqa: E402
+from aaren.baselines import build_stacks  # the two stacks, as in the streaming benchmark
 
 MODELS = ("aaren", "transformer")
 
