@@ -153,8 +153,33 @@ def _schedule(optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# --------------------------------------------------------------------------- classification
+def fit(model: nn.Module, batch_loss, n: int, epochs: int, batch_size: int, lr: float,
+        weight_decay: float, seed: int) -> List[float]:
+    """The one training recipe of both models and both tasks: AdamW, the warm-up/cosine
+    schedule, gradient clipping, shuffled minibatches of indices into n examples.
+    Returns the mean training loss of each epoch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = _schedule(optimizer, epochs * math.ceil(n / batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            loss = batch_loss(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+        losses.append(total / n)
+    return losses
 
+
+# --------------------------------------------------------------------------- classification
 
 def train_classifier(kind: str, data: dict, seed: int, epochs: int, batch_size: int = 16,
                      lr: float = 1e-3, weight_decay: float = 0.01, d_model: int = 64,
@@ -173,28 +198,12 @@ def train_classifier(kind: str, data: dict, seed: int, epochs: int, batch_size: 
     torch.manual_seed(seed)
     model = SequenceModel(kind, channels, len(data["classes"]), d_model, nhead, num_layers,
                           dropout, max_len)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(y_train)
-    steps_per_epoch = math.ceil(n / batch_size)
-    scheduler = _schedule(optimizer, epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            lengths = len_train[idx]
-            x = x_train[idx, :int(lengths.max())]
-            loss = F.cross_entropy(model.classify(x, lengths), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(idx)
-        losses.append(total / n)
+    def batch_loss(idx: Tensor) -> Tensor:
+        lengths = len_train[idx]
+        x = x_train[idx, :int(lengths.max())]
+        return F.cross_entropy(model.classify(x, lengths), y_train[idx])
+
+    losses = fit(model, batch_loss, len(y_train), epochs, batch_size, lr, weight_decay, seed)
     accuracy = evaluate(model, x_test, len_test, y_test)
     return {"model": kind, "dataset": data["name"], "seed": seed, "epochs": epochs,
             "test_accuracy": accuracy, "train_accuracy": evaluate(model, x_train, len_train, y_train),
@@ -243,25 +252,8 @@ def train_forecaster(kind: str, name: str, seed: int, epochs: int = 100, context
 
     torch.manual_seed(seed)
     model = SequenceModel(kind, 1, 1, d_model, nhead, num_layers, dropout, context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(windows) / batch_size)
-    scheduler = _schedule(optimizer, epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(windows), generator=generator)
-        total = 0.0
-        for i in range(0, len(windows), batch_size):
-            idx = order[i:i + batch_size]
-            loss = F.mse_loss(model(inputs[idx]), targets[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(idx)
-        losses.append(total / len(windows))
+    losses = fit(model, lambda idx: F.mse_loss(model(inputs[idx]), targets[idx]), len(windows),
+                 epochs, batch_size, lr, weight_decay, seed)
     model.eval()
     test_idx = range(len(series) - horizon, len(series))
     with torch.no_grad():
