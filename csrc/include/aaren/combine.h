@@ -4,8 +4,8 @@
 // A partial result over some tokens is (L, o): L the log-sum-exp of their scores,
 // o the softmax-weighted mean of their values. Combining A (earlier) with B:
 //     L = logaddexp(L_A, L_B);   o = o_A e^(L_A - L) + o_B e^(L_B - L)
-// A token (s, v) is the partial result (s, v); the empty result is (-inf, 0), so
-// one RNN step is combine_weights(state lse, token score).
+// A token (s, v) is the partial result (s, v); the empty result is (-inf, 0). The
+// kernels compute this combine in the unnormalized online-softmax form below.
 #pragma once
 
 #include <cmath>
@@ -29,34 +29,6 @@ AAREN_HOST_DEVICE T negative_infinity() {
 template <typename T>
 AAREN_HOST_DEVICE T exp_of_difference(T x, T y) {
   return x == negative_infinity<T>() ? T(0) : std::exp(x - y);
-}
-
-// log(e^x + e^y) without overflow; -inf stands for an empty partial result.
-template <typename T>
-AAREN_HOST_DEVICE T log_add_exp(T x, T y) {
-  if (x != x || y != y) {
-    return x + y;  // NaN in, NaN out (max/min would silently drop it)
-  }
-  const T hi = x > y ? x : y;
-  const T lo = x > y ? y : x;
-  if (lo == negative_infinity<T>()) {
-    return hi;
-  }
-  return hi + std::log1p(std::exp(lo - hi));
-}
-
-// The merged lse and the weights of each side: o = weight_a * o_A + weight_b * o_B.
-template <typename T>
-struct CombineWeights {
-  T lse;
-  T weight_a;
-  T weight_b;
-};
-
-template <typename T>
-AAREN_HOST_DEVICE CombineWeights<T> combine_weights(T lse_a, T lse_b) {
-  const T lse = log_add_exp(lse_a, lse_b);
-  return {lse, exp_of_difference(lse_a, lse), exp_of_difference(lse_b, lse)};
 }
 
 // ---- Streaming forms, for the sequential pass over tokens ---------------------
