@@ -72,8 +72,8 @@ def make_inputs(B, N, H, D, dtype, requires_grad=False):
 def scan_bytes(B, N, H, D, dtype):
     e = torch.tensor([], dtype=dtype).element_size()
     tokens = B * N * H
-    forward = tokens * e + tokens * D * e + tokens * D * e + tokens * 4  # s, v in; out, lse out
-    backward = tokens * D * e * 3 + tokens * e + tokens * 4 + tokens * D * e + tokens * e
+    forward = tokens * e + tokens * D * e + tokens * D * e + tokens * 8  # s, v in; out, lse (f64) out
+    backward = tokens * D * e * 3 + tokens * e + tokens * 8 + tokens * D * e + tokens * e
     return forward, backward
 
 
@@ -153,7 +153,7 @@ def bench_scan(aaren, B, N, H, D, dtype, args):
 
     scores, values = make_inputs(B, N, H, D, dtype)
     row["fwd"] = time_ms(lambda: aaren.scan(scores, values), warmup, reps)
-    out, lse = torch.ops.aaren.scan_forward(scores, values, None, None)
+    out, lse, _ = torch.ops.aaren.scan_forward(scores, values, None, None)
     grad_out = torch.randn_like(out)
     row["bwd"] = time_ms(lambda: torch.ops.aaren.scan_backward(
         grad_out, None, scores, values, out, lse, None, None), warmup, reps)
@@ -228,10 +228,11 @@ def sanity_check(aaren):
             scores = scores.to(dtype)
             values = torch.randn(B, N, H, D, generator=gen).to(dtype)
             grad_out = torch.randn(B, N, H, D, generator=gen).to(dtype)
-            grad_lse = torch.randn(B, N, H, generator=gen)
+            grad_lse = torch.randn(B, N, H, generator=gen, dtype=torch.float64)
             cpu = torch.ops.aaren.scan_forward(scores, values, None, None)
             gpu = torch.ops.aaren.scan_forward(scores.cuda(), values.cuda(), None, None)
-            cpu_g = torch.ops.aaren.scan_backward(grad_out, grad_lse, scores, values, *cpu, None, None)
+            cpu_g = torch.ops.aaren.scan_backward(grad_out, grad_lse, scores, values, cpu[0], cpu[1],
+                                                  None, None)
             gpu_g = torch.ops.aaren.scan_backward(grad_out.cuda(), grad_lse.cuda(), scores.cuda(),
                                                   values.cuda(), cpu[0].cuda(), cpu[1].cuda(),
                                                   None, None)

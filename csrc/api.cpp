@@ -11,14 +11,14 @@ namespace ops {
 using Tensor = at::Tensor;
 using OptionalTensor = std::optional<at::Tensor>;
 
-std::tuple<Tensor, Tensor> scan_forward(const Tensor& scores, const Tensor& values,
-                                        const OptionalTensor& state_lse,
-                                        const OptionalTensor& state_out) {
+std::tuple<Tensor, Tensor, Tensor> scan_forward(const Tensor& scores, const Tensor& values,
+                                                const OptionalTensor& state_lse,
+                                                const OptionalTensor& state_out) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("aaren::scan_forward", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                               const OptionalTensor&,
-                                                               const OptionalTensor&)>();
+                             .typed<std::tuple<Tensor, Tensor, Tensor>(
+                                 const Tensor&, const Tensor&, const OptionalTensor&,
+                                 const OptionalTensor&)>();
   return op.call(scores, values, state_lse, state_out);
 }
 
@@ -35,13 +35,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_backward(
   return op.call(grad_out, grad_lse, scores, values, out, lse, state_lse, state_out);
 }
 
-std::tuple<Tensor, Tensor> step(const Tensor& score, const Tensor& value,
-                                const OptionalTensor& state_lse, const OptionalTensor& state_out) {
+std::tuple<Tensor, Tensor, Tensor> step(const Tensor& score, const Tensor& value,
+                                        const OptionalTensor& state_lse,
+                                        const OptionalTensor& state_out) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("aaren::step", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                               const OptionalTensor&,
-                                                               const OptionalTensor&)>();
+                             .typed<std::tuple<Tensor, Tensor, Tensor>(
+                                 const Tensor&, const Tensor&, const OptionalTensor&,
+                                 const OptionalTensor&)>();
   return op.call(score, value, state_lse, state_out);
 }
 
@@ -58,30 +59,30 @@ std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> unpack(const std
 
 State empty_state(int64_t batch, int64_t heads, int64_t head_dim,
                   const at::TensorOptions& values_options) {
-  const auto lse_dtype = values_options.dtype() == at::kDouble ? at::kDouble : at::kFloat;
+  // The state is float64 for every dtype of values (ops/scan.h).
   return {at::full({batch, heads}, -std::numeric_limits<double>::infinity(),
-                   values_options.dtype(lse_dtype)),
-          at::zeros({batch, heads, head_dim}, values_options)};
+                   values_options.dtype(at::kDouble)),
+          at::zeros({batch, heads, head_dim}, values_options.dtype(at::kDouble))};
 }
 
 std::pair<at::Tensor, State> scan(const at::Tensor& scores, const at::Tensor& values,
                                   const std::optional<State>& state) {
   const auto [state_lse, state_out] = unpack(state);
-  auto [out, lse] = ops::scan_forward(scores, values, state_lse, state_out);
-  if (values.size(1) == 0) {  // an empty sequence leaves the state as it was
+  auto [out, lse, final_out] = ops::scan_forward(scores, values, state_lse, state_out);
+  if (values.size(1) == 0) {  // an empty sequence leaves the state as it was (in its dtypes)
     return {out, state.has_value()
-                     ? *state
+                     ? State{state->lse.to(at::kDouble), final_out}
                      : empty_state(values.size(0), values.size(2), values.size(3), values.options())};
   }
   // A copy, not a view: a state kept for later must not hold on to the whole sequence.
-  return {out, State{lse.select(1, -1).clone(), out.select(1, -1).clone()}};
+  return {out, State{lse.select(1, -1).clone(), final_out}};
 }
 
 std::pair<at::Tensor, State> step(const at::Tensor& score, const at::Tensor& value,
                                   const std::optional<State>& state) {
   const auto [state_lse, state_out] = unpack(state);
-  auto [out, lse] = ops::step(score, value, state_lse, state_out);
-  return {out, State{lse, out}};
+  auto [out, lse, new_state_out] = ops::step(score, value, state_lse, state_out);
+  return {out, State{lse, new_state_out}};
 }
 
 }  // namespace aaren

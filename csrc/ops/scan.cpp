@@ -68,13 +68,14 @@ void check_forward_inputs(const char* op, const at::Tensor& scores, const at::Te
               lse.sym_sizes());
   TORCH_CHECK(out.dim() == 3, op, ": state out must have shape [B, H, D], got shape ",
               out.sym_sizes());
-  const at::ScalarType expected_lse_dtype = state_dtype(values.scalar_type());
-  TORCH_CHECK_TYPE(lse.scalar_type() == expected_lse_dtype, op, ": state lse must be ",
-                   expected_lse_dtype, " for ", values.scalar_type(), " values, got ",
+  // Any floating dtype is converted (to kLseDtype, kStateOutDtype): states saved by earlier
+  // versions (a float32 lse, an out in the values' dtype) keep working.
+  TORCH_CHECK_TYPE(is_supported_dtype(lse.scalar_type()), op,
+                   ": state lse must be a floating dtype (float64 preferred), got ",
                    lse.scalar_type());
-  TORCH_CHECK_TYPE(out.scalar_type() == values.scalar_type(), op,
-                   ": state out must have the dtype of values (", values.scalar_type(),
-                   "), got ", out.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_dtype(out.scalar_type()), op,
+                   ": state out must be a floating dtype (float64 preferred), got ",
+                   out.scalar_type());
   check_same_device(op, lse, "state lse", values);
   check_same_device(op, out, "state out", values);
   check_dim_equal(op, "state lse's batch dimension", lse.sym_size(0), "values",
@@ -87,9 +88,25 @@ void check_forward_inputs(const char* op, const at::Tensor& scores, const at::Te
                   values.sym_size(2));
   check_dim_equal(op, "state out's last dimension", out.sym_size(2), "values",
                   values.sym_size(3));
-  TORCH_CHECK(last_dim_contiguous(out), op,
-              ": state out must be contiguous in its last dimension (stride 1), got strides ",
-              out.sym_strides());
+}
+
+// The state in the dtypes the kernels read (a no-op when it already is), with a
+// contiguous last dimension.
+struct KernelState {
+  std::optional<at::Tensor> lse;
+  std::optional<at::Tensor> out;
+};
+
+KernelState kernel_state(const std::optional<at::Tensor>& state_lse,
+                         const std::optional<at::Tensor>& state_out, const at::Tensor& values) {
+  if (!state_lse.has_value()) {
+    return {};
+  }
+  at::Tensor out = state_out->to(kStateOutDtype);
+  if (!last_dim_contiguous(out)) {
+    out = out.contiguous();
+  }
+  return {state_lse->to(kLseDtype), out};
 }
 
 void check_same_shape(const char* op, const at::Tensor& t, const char* name,
@@ -129,36 +146,55 @@ void check_no_overlap(std::initializer_list<std::optional<at::Tensor>> outputs,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> run_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
     const char* op, ForwardKernel kernel, const at::Tensor& scores, const at::Tensor& values,
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out,
-    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse) {
+    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse,
+    const std::optional<at::Tensor>& final_out) {
   check_forward_inputs(op, scores, values, state_lse, state_out);
-  ForwardArgs args{scores, values, state_lse, state_out,
+  const KernelState state = kernel_state(state_lse, state_out, values);
+  const at::TensorOptions state_out_options = values.options().dtype(kStateOutDtype);
+  ForwardArgs args{scores, values, state.lse, state.out,
                    checked_output(op, out, "out", values.sym_sizes(), values.options()),
                    checked_output(op, lse, "lse", scores.sym_sizes(),
-                                  values.options().dtype(state_dtype(values.scalar_type())))};
+                                  values.options().dtype(kLseDtype)),
+                   checked_output(op, final_out, "final_out",
+                                  {values.sym_size(0), values.sym_size(2), values.sym_size(3)},
+                                  state_out_options)};
   if (kernel != nullptr) {
-    check_no_overlap({out, lse}, {scores, values, state_lse, state_out});
-    kernel(args);
+    check_no_overlap({out, lse, final_out}, {scores, values, state_lse, state_out});
+    if (values.size(1) == 1 && values.scalar_type() != at::kDouble && state.lse.has_value()) {
+      // One token after a state (a step, or a chunk of one): computed in float64 against
+      // the float64 state, so that a stream of steps does not drift (float32 arithmetic at
+      // every step is a random walk: 15x one scan's error over 4096 float32 steps).
+      ForwardArgs wide{scores.to(at::kDouble), values.to(at::kDouble), state.lse, state.out,
+                       at::empty(values.sizes(), values.options().dtype(at::kDouble)), args.lse,
+                       args.final_out};
+      kernel(wide);
+      args.out.copy_(wide.out);
+    } else if (values.size(1) > 0) {
+      kernel(args);
+    } else if (state.out.has_value()) {  // no tokens: the state stays as it was
+      args.final_out.copy_(*state.out);
+    } else {
+      args.final_out.zero_();
+    }
   }
-  return {args.out, args.lse};
+  return {args.out, args.lse, args.final_out};
 }
 
 }  // namespace
 
-at::ScalarType state_dtype(at::ScalarType values_dtype) {
-  return values_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-std::tuple<at::Tensor, at::Tensor> scan_forward_with(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_forward_with(
     ForwardKernel kernel, const at::Tensor& scores, const at::Tensor& values,
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out,
-    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse) {
-  return run_forward("aaren.scan", kernel, scores, values, state_lse, state_out, out, lse);
+    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse,
+    const std::optional<at::Tensor>& final_out) {
+  return run_forward("aaren.scan", kernel, scores, values, state_lse, state_out, out, lse,
+                     final_out);
 }
 
-std::tuple<at::Tensor, at::Tensor> step_with(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_with(
     ForwardKernel kernel, const at::Tensor& score, const at::Tensor& value,
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
   constexpr const char* op = "aaren.step";
@@ -167,9 +203,12 @@ std::tuple<at::Tensor, at::Tensor> step_with(
   TORCH_CHECK(value.dim() == 3, op, ": value must have shape [B, H, D], got shape ",
               value.sym_sizes());
   // One token is a sequence of length 1: the scan checks and kernel serve as they are.
-  auto [out, lse] = run_forward(op, kernel, score.unsqueeze(1), value.unsqueeze(1), state_lse,
-                                state_out, std::nullopt, std::nullopt);
-  return {out.squeeze(1), lse.squeeze(1)};
+  // final_out is the new state's out: its own storage, never the returned output's, so
+  // that editing the output in place cannot change the next step.
+  auto [out, lse, final_out] = run_forward(op, kernel, score.unsqueeze(1), value.unsqueeze(1),
+                                           state_lse, state_out, std::nullopt, std::nullopt,
+                                           std::nullopt);
+  return {out.squeeze(1), lse.squeeze(1), final_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
@@ -182,8 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
   check_forward_inputs(op, scores, values, state_lse, state_out);
   check_same_shape(op, out, "out", values, "values");
   check_same_shape(op, lse, "lse", scores, "scores");
-  TORCH_CHECK(out.scalar_type() == values.scalar_type() &&
-                  lse.scalar_type() == state_dtype(values.scalar_type()),
+  TORCH_CHECK(out.scalar_type() == values.scalar_type() && lse.scalar_type() == kLseDtype,
               op, ": out and lse must be the outputs of scan_forward for these inputs");
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), op,
               ": out and lse must be contiguous, as scan_forward returns them");
@@ -202,32 +240,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
   if (grad_lse.has_value() && grad_lse->defined()) {
     check_same_shape(op, *grad_lse, "grad_lse", scores, "scores");
     check_same_device(op, *grad_lse, "grad_lse", values);
-    args.grad_lse = grad_lse->to(lse.scalar_type());
+    args.grad_lse = grad_lse->to(kLseDtype);
   }
+  const KernelState state = kernel_state(state_lse, state_out, values);
   args.scores = scores;
   args.values = values;
   args.out = out;
   args.lse = lse;
-  args.state_lse = state_lse;
-  args.state_out = state_out;
+  args.state_lse = state.lse;
+  args.state_out = state.out;
   const auto batch = values.sym_size(0);
   const auto heads = values.sym_size(2);
   const auto head_dim = values.sym_size(3);
+  // The state's gradients have the dtypes of the state given (the kernel dtypes when none).
+  const at::ScalarType out0_dtype = kStateOutDtype;
+  const at::ScalarType grad_lse0_dtype = state_lse.has_value() ? state_lse->scalar_type() : kLseDtype;
+  const at::ScalarType grad_out0_dtype = state_out.has_value() ? state_out->scalar_type() : out0_dtype;
   args.grad_scores = checked_output(op, outputs.grad_scores, "grad_scores", scores.sym_sizes(),
                                     scores.options());
   args.grad_values = checked_output(op, outputs.grad_values, "grad_values", values.sym_sizes(),
                                     values.options());
-  args.grad_state_lse = checked_output(op, outputs.grad_state_lse, "grad_state_lse",
-                                       {batch, heads}, lse.options());
-  args.grad_state_out = checked_output(op, outputs.grad_state_out, "grad_state_out",
-                                       {batch, heads, head_dim}, values.options());
-  if (kernel != nullptr) {
-    check_no_overlap({outputs.grad_scores, outputs.grad_values, outputs.grad_state_lse,
-                      outputs.grad_state_out},
-                     {args.grad_out, args.grad_lse, scores, values, out, lse, state_lse, state_out});
-    kernel(args);
+  const at::Tensor grad_state_lse = checked_output(
+      op, outputs.grad_state_lse, "grad_state_lse", {batch, heads}, lse.options().dtype(grad_lse0_dtype));
+  const at::Tensor grad_state_out =
+      checked_output(op, outputs.grad_state_out, "grad_state_out", {batch, heads, head_dim},
+                     values.options().dtype(grad_out0_dtype));
+  if (kernel == nullptr) {
+    return {args.grad_scores, args.grad_values, grad_state_lse, grad_state_out};
   }
-  return {args.grad_scores, args.grad_values, args.grad_state_lse, args.grad_state_out};
+  check_no_overlap({outputs.grad_scores, outputs.grad_values, outputs.grad_state_lse,
+                    outputs.grad_state_out},
+                   {args.grad_out, args.grad_lse, scores, values, out, lse, state_lse, state_out});
+  // The kernels write the state's gradients in their own dtypes; converted after.
+  args.grad_state_lse = grad_lse0_dtype == kLseDtype
+      ? grad_state_lse
+      : at::empty_symint({batch, heads}, lse.options().dtype(kLseDtype));
+  args.grad_state_out = grad_out0_dtype == out0_dtype
+      ? grad_state_out
+      : at::empty_symint({batch, heads, head_dim}, values.options().dtype(out0_dtype));
+  kernel(args);
+  if (!args.grad_state_lse.is_same(grad_state_lse)) {
+    grad_state_lse.copy_(args.grad_state_lse);
+  }
+  if (!args.grad_state_out.is_same(grad_state_out)) {
+    grad_state_out.copy_(args.grad_state_out);
+  }
+  return {args.grad_scores, args.grad_values, grad_state_lse, grad_state_out};
 }
 
 }  // namespace aaren::ops
@@ -235,15 +293,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
 TORCH_LIBRARY(aaren, m) {
   // Per-token outputs and per-token lse (the backward needs it; the final state is
   // its last entry). An absent state is the empty state (lse -inf, out 0).
+  // final_out is the state's out after the last token in the accumulation dtype (unrounded;
+  // the initial state's for N = 0); lse is float64. See ops/scan.h for the state's dtypes.
   m.def(
       "scan_forward(Tensor scores, Tensor values, Tensor? state_lse=None, "
-      "Tensor? state_out=None) -> (Tensor out, Tensor lse)");
+      "Tensor? state_out=None) -> (Tensor out, Tensor lse, Tensor final_out)");
   // Into caller-owned buffers (contiguous, of the shapes above), for loops and benchmarks
   // that reuse memory. Not differentiable; they return nothing, so that torch.compile
   // can functionalize them.
   m.def(
       "scan_forward_into(Tensor scores, Tensor values, Tensor? state_lse, Tensor? state_out, "
-      "Tensor(a!) out, Tensor(b!) lse) -> ()");
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) final_out) -> ()");
   // Gradients of scan_forward's inputs; the state gradients are for the state given
   // (zero for the empty state when none was).
   m.def(
@@ -255,10 +315,12 @@ TORCH_LIBRARY(aaren, m) {
       "Tensor out, Tensor lse, Tensor? state_lse, Tensor? state_out, "
       "Tensor(a!) grad_scores, Tensor(b!) grad_values, Tensor(c!) grad_state_lse, "
       "Tensor(d!) grad_state_out) -> ()");
-  // One token: score [B,H], value [B,H,D]; returns the new state (out [B,H,D], lse [B,H]).
+  // One token: score [B,H], value [B,H,D]; returns its output out [B,H,D] (values' dtype)
+  // and the new state (lse [B,H] float64, state_out [B,H,D] accumulation dtype; never the
+  // same storage as out).
   m.def(
       "step(Tensor score, Tensor value, Tensor? state_lse=None, Tensor? state_out=None) "
-      "-> (Tensor out, Tensor lse)");
+      "-> (Tensor out, Tensor lse, Tensor state_out)");
 }
 
 // Meta: checks and output shapes only, with symbolic sizes under torch.compile.

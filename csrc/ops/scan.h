@@ -14,8 +14,10 @@ namespace aaren::ops {
 
 // Tensors of one forward pass, validated: scores [B,N,H], values [B,N,H,D] with a
 // contiguous last dimension (other strides arbitrary), an optional initial state
-// (lse [B,H], out [B,H,D]). The kernel writes out [B,N,H,D] and the per-token
-// lse [B,N,H], both contiguous.
+// (lse [B,H] and out [B,H,D], float64: see the state's dtypes below). The kernel writes
+// out [B,N,H,D] (values' dtype), the per-token lse [B,N,H] (float64) and final_out [B,H,D]
+// (float64: the state's out after the last token, not rounded to the values' dtype),
+// all contiguous. Kernels run only for N > 0.
 struct ForwardArgs {
   at::Tensor scores;
   at::Tensor values;
@@ -23,12 +25,15 @@ struct ForwardArgs {
   std::optional<at::Tensor> state_out;
   at::Tensor out;
   at::Tensor lse;
+  at::Tensor final_out;
 };
 
 // Tensors of one backward pass. grad_out / grad_lse are absent when no gradient
 // reached that output (read as zeros); when present, grad_out has a contiguous last
-// dimension. The kernel writes grad_scores [B,N,H], grad_values [B,N,H,D] and the
-// gradients of the initial state (zero for the empty state), all contiguous.
+// dimension and values' dtype, grad_lse is float64. The state is in its kernel dtypes as
+// for the forward. The kernel writes grad_scores [B,N,H], grad_values [B,N,H,D] and the
+// gradients of the initial state (zero for the empty state): grad_state_lse [B,H] float64,
+// grad_state_out [B,H,D] float64, all contiguous.
 struct BackwardArgs {
   std::optional<at::Tensor> grad_out;
   std::optional<at::Tensor> grad_lse;
@@ -47,21 +52,28 @@ struct BackwardArgs {
 using ForwardKernel = void (*)(const ForwardArgs&);
 using BackwardKernel = void (*)(const BackwardArgs&);
 
-// The dtype of lse: float64 for float64 inputs, float32 for every other dtype.
-at::ScalarType state_dtype(at::ScalarType values_dtype);
+// The state's dtypes (docs/design.md, "The state"): float64, lse and out, whatever the
+// values' dtype. A float32 log-sum loses its log part under large score offsets, and a
+// state rounded to the values' dtype (or to float32) at every token is a random walk that
+// drifts over long streams; the state is B x H x (D + 1) numbers, so float64 costs nothing
+// that matters. States in other floating dtypes (e.g. a float32 lse and an out in the
+// values' dtype, as earlier versions kept them) are accepted and converted.
+constexpr at::ScalarType kLseDtype = at::kDouble;
+constexpr at::ScalarType kStateOutDtype = at::kDouble;
 
 // Validate, allocate (or check the caller's output buffers), and run `kernel` (none
 // for Meta: shapes only).
-std::tuple<at::Tensor, at::Tensor> scan_forward_with(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_forward_with(
     ForwardKernel kernel,
     const at::Tensor& scores,
     const at::Tensor& values,
     const std::optional<at::Tensor>& state_lse,
     const std::optional<at::Tensor>& state_out,
     const std::optional<at::Tensor>& out = std::nullopt,
-    const std::optional<at::Tensor>& lse = std::nullopt);
+    const std::optional<at::Tensor>& lse = std::nullopt,
+    const std::optional<at::Tensor>& final_out = std::nullopt);
 
-std::tuple<at::Tensor, at::Tensor> step_with(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_with(
     ForwardKernel kernel,
     const at::Tensor& score,
     const at::Tensor& value,
@@ -108,8 +120,8 @@ void register_backend(torch::Library& m) {
   m.impl("scan_forward_into",
          [](const at::Tensor& scores, const at::Tensor& values,
             const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out,
-            const at::Tensor& out, const at::Tensor& lse) {
-           scan_forward_with(forward, scores, values, state_lse, state_out, out, lse);
+            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& final_out) {
+           scan_forward_with(forward, scores, values, state_lse, state_out, out, lse, final_out);
          });
   m.impl("scan_backward_into",
          [](const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_lse,

@@ -3,8 +3,15 @@
 Layouts: scores [B, N, H], values [B, N, H, D] (the layout a Linear projection
 reshaped to heads produces; read through its strides without copies as long as the
 last dimension is contiguous). The state after some tokens is a pair
-(lse [B, H], out [B, H, D]): the log-sum-exp of their scores (float64 for float64
-values, float32 otherwise) and the attention output over them (dtype of values).
+(lse [B, H], out [B, H, D]): the log-sum-exp of their scores and the attention output
+over them (docs/design.md, "The state").
+
+The state is float64 (lse and out) for every dtype of values, so that a state carried
+across `step` calls or `scan` chunks gives what one scan of the whole sequence gives,
+however long the stream and however large the scores: a float32 lse loses its log part
+when scores are large (|s| ~ 1e4), and a state rounded at every token drifts. It is
+B x H x (D + 1) numbers whatever the number of tokens. A state in other floating dtypes
+(the float32 lse and values-dtype out of earlier versions) is accepted and converted.
 """
 from typing import Optional, Tuple
 
@@ -18,10 +25,10 @@ State = Tuple[Tensor, Tensor]
 
 def empty_state(batch: int, heads: int, head_dim: int, dtype: torch.dtype,
                 device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
-    """The state before any token: lse = -inf, out = 0."""
-    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    lse = torch.full([batch, heads], float("-inf"), dtype=lse_dtype, device=device)
-    out = torch.zeros([batch, heads, head_dim], dtype=dtype, device=device)
+    """The state before any token: lse = -inf [B, H], out = 0 [B, H, D], both float64
+    whatever `dtype` (the values' dtype; kept for the signature's sake)."""
+    lse = torch.full([batch, heads], float("-inf"), dtype=torch.float64, device=device)
+    out = torch.zeros([batch, heads, head_dim], dtype=torch.float64, device=device)
     return lse, out
 
 
@@ -30,32 +37,53 @@ def scan(scores: Tensor, values: Tensor,
     """Causal attention of one query per head over every prefix, as a parallel scan.
 
     out[:, k] = softmax(scores[:, :k+1]) @ values[:, :k+1] per (batch, head), continuing
-    from `state` (the state after earlier tokens) when given. A score of -inf masks its
-    token. Returns out [B, N, H, D] (dtype of values) and the state after the last token.
-    Differentiable with respect to scores, values and the state.
+    from `state` (the state after earlier tokens) when given (design page, section 2).
+
+    Args:
+        scores: [B, N, H], float64, float32, bfloat16 or float16 (query . key, scaled).
+            A score of -inf masks its token.
+        values: [B, N, H, D], the dtype of scores, last dimension contiguous.
+        state: (lse [B, H], out [B, H, D]) or None for the empty state.
+
+    Returns:
+        out [B, N, H, D] in the dtype of values, and the state after the last token
+        (lse [B, H] and out [B, H, D], float64): its own storage, sharing none with `out`.
+
+    Raises:
+        RuntimeError / TypeError naming the argument for bad shapes, dtypes, devices.
+
+    Differentiable with respect to scores, values and the state, to any order.
     """
     if state is None:
-        out, lse = torch.ops.aaren.scan_forward(scores, values, None, None)
+        out, lse, final_out = torch.ops.aaren.scan_forward(scores, values, None, None)
     else:
-        out, lse = torch.ops.aaren.scan_forward(scores, values, state[0], state[1])
+        out, lse, final_out = torch.ops.aaren.scan_forward(scores, values, state[0], state[1])
     if values.size(1) == 0:  # an empty sequence leaves the state as it was
         if state is None:
             return out, empty_state(values.size(0), values.size(2), values.size(3),
                                     values.dtype, values.device)
-        return out, state
+        return out, (state[0].to(torch.float64), final_out)
     # A copy, not a view: a state kept for later must not hold on to the whole sequence.
-    return out, (lse[:, -1].clone(), out[:, -1].clone())
+    return out, (lse[:, -1].clone(), final_out)
 
 
 def step(score: Tensor, value: Tensor,
          state: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-    """One token, the RNN form: score [B, H], value [B, H, D].
+    """One token, the RNN form (design page, section 2: L' = logaddexp(L, s),
+    o' = o e^(L - L') + v e^(s - L')).
 
-    Returns the output for this token [B, H, D] and the new state; agrees with `scan`
-    over the same tokens. Memory does not grow with the number of tokens seen.
+    Args:
+        score: [B, H]; value: [B, H, D] (same dtype); state: as for `scan`, or None.
+
+    Returns:
+        The token's output [B, H, D] in the dtype of value, and the new state (lse [B, H]
+        and out [B, H, D], float64). The state shares no storage with
+        the output: editing the output in place leaves later steps exact. Streaming N tokens
+        with `step` gives `scan`'s outputs over them, in every dtype. Memory does not grow
+        with the number of tokens seen.
     """
     if state is None:
-        out, lse = torch.ops.aaren.step(score, value, None, None)
+        out, lse, state_out = torch.ops.aaren.step(score, value, None, None)
     else:
-        out, lse = torch.ops.aaren.step(score, value, state[0], state[1])
-    return out, (lse, out)
+        out, lse, state_out = torch.ops.aaren.step(score, value, state[0], state[1])
+    return out, (lse, state_out)

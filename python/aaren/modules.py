@@ -336,8 +336,8 @@ class Aaren(nn.Module):
         ``forward`` (a masked token leaves the state unchanged, so right-padded prompts of
         different lengths give each sequence its own state). Returns the outputs (same
         layout as x) and the state after the chunk: ``(lse [B, H], out [B, H, head_dim])``
-        (lse float32, float64 for float64 values; out in the dtype of the values), whose
-        size does not depend on the number of tokens seen. ``state=None`` is the empty
+        (both float64, whatever the module's dtype: see ``aaren.scan``), whose size does not
+        depend on the number of tokens seen. ``state=None`` is the empty
         state (no tokens yet).
         """
         if x.dim() != 3 or x.size(-1) != self.embed_dim:

@@ -87,13 +87,14 @@ TEST(AarenOps, StepByStepEqualsScanInFloat32) {
   EXPECT_TRUE(torch::allclose(state->lse, final_state.lse, 1e-5, 1e-6));
 }
 
-TEST(AarenOps, HalfInputsAccumulateInFloat32) {
+TEST(AarenOps, HalfInputsKeepAFloat64State) {
   torch::manual_seed(3);
   const auto scores = torch::randn({B, 64, H}, f64());
   const auto values = torch::randn({B, 64, H, D}, f64());
   const auto [out, state] = aaren::scan(scores.to(torch::kBFloat16), values.to(torch::kBFloat16));
   EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
-  EXPECT_EQ(state.lse.scalar_type(), torch::kFloat32);
+  EXPECT_EQ(state.lse.scalar_type(), torch::kFloat64);
+  EXPECT_EQ(state.out.scalar_type(), torch::kFloat64);
   const auto [ref, ref_lse] = reference_scan(scores.to(torch::kBFloat16).to(torch::kFloat64),
                                              values.to(torch::kBFloat16).to(torch::kFloat64), std::nullopt);
   EXPECT_LT((out.to(torch::kFloat64) - ref).abs().max().item<double>(), 2e-2);

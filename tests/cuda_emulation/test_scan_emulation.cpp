@@ -50,10 +50,6 @@ namespace gpu = aaren::ops::cuda;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The emulated GPU for one case: `multiprocessors` SMs of 2048 threads. The host code splits
 // a sequence into chunks when its warps fill less than half of the GPU, so the size of the
 // emulated GPU picks the chunk plan.
@@ -190,14 +186,13 @@ Problem make_problem(const Case& c) {
   Problem p;
   p.scores = same_layout(scores, c.dtype);
   p.values = same_layout(values, c.dtype);
-  const at::ScalarType acc = acc_dtype(c.dtype);
   if (c.state != State::kNone) {
     at::Tensor lse = at::randn({c.H, c.B}, f64).t() * 2;  // strided [B, H]
     if (c.state == State::kEmptyFirst) {
       lse.select(0, 0).fill_(-kInf);
     }
-    p.state_lse = same_layout(lse, acc);
-    p.state_out = at::randn({c.B, c.H, c.D}, f64).to(c.dtype);
+    p.state_lse = same_layout(lse, at::kDouble);  // the kernels' state dtypes (ops/scan.h)
+    p.state_out = at::randn({c.B, c.H, c.D}, f64);
   }
   if (c.grad_out) {
     p.grad_out = c.layout != Layout::kContiguous
@@ -205,16 +200,17 @@ Problem make_problem(const Case& c) {
         : at::randn({c.B, c.N, c.H, c.D}, f64).to(c.dtype);
   }
   if (c.grad_lse) {
-    p.grad_lse = at::randn({c.B, c.N, c.H}, f64).to(acc);
+    p.grad_lse = at::randn({c.B, c.N, c.H}, f64);
   }
   return p;
 }
 
 ForwardArgs forward_args(const Problem& p, double fill) {
-  const at::ScalarType acc = acc_dtype(p.values.scalar_type());
+  const int64_t B = p.values.size(0), H = p.values.size(2), D = p.values.size(3);
   return {p.scores, p.values, p.state_lse, p.state_out,
           at::full(p.values.sizes(), fill, p.values.options()),
-          at::full(p.scores.sizes(), fill, p.values.options().dtype(acc))};
+          at::full(p.scores.sizes(), fill, p.values.options().dtype(at::kDouble)),
+          at::full({B, H, D}, fill, p.values.options().dtype(at::kDouble))};
 }
 
 BackwardArgs backward_args(const Problem& p, const ForwardArgs& forward, double fill) {
@@ -232,8 +228,8 @@ BackwardArgs backward_args(const Problem& p, const ForwardArgs& forward, double 
   a.state_out = p.state_out;
   a.grad_scores = at::full(p.scores.sizes(), fill, options);
   a.grad_values = at::full(p.values.sizes(), fill, options);
-  a.grad_state_lse = at::full({B, H}, fill, options.dtype(acc_dtype(dtype)));
-  a.grad_state_out = at::full({B, H, D}, fill, options);
+  a.grad_state_lse = at::full({B, H}, fill, options.dtype(at::kDouble));
+  a.grad_state_out = at::full({B, H, D}, fill, options.dtype(at::kDouble));
   return a;
 }
 
@@ -276,6 +272,9 @@ TEST_P(EmulatedScanMatchesCpu, ForwardAndBackward) {
   const double lse_tol = c.dtype == at::kDouble ? 1e-9 : 1e-4;
   EXPECT_EQ(mismatch(ref.out, got.out, tol, tol), "") << "out";
   EXPECT_EQ(mismatch(ref.lse, got.lse, lse_tol, lse_tol), "") << "lse";
+  if (c.N > 0) {  // the kernels run only for N > 0 (the operator copies the state for N = 0)
+    EXPECT_EQ(mismatch(ref.final_out, got.final_out, tol, tol), "") << "final_out";
+  }
 
   // The backward, both from the CPU forward's outputs.
   BackwardArgs bref = backward_args(p, ref, 0);
@@ -385,8 +384,12 @@ TEST(EmulatedScanAccuracy, Float32ForwardWithinCpuError) {
   const at::Tensor ref_lse = at::logcumsumexp(scores.to(at::kDouble), 1);
   const double plain_error = max_error(reference_out(scores, values, at::kFloat), ref);
 
+  const auto lse_like = [](const at::Tensor& s) { return at::empty_like(s, at::kDouble); };
+  const auto final_like = [](const at::Tensor& v) {
+    return at::empty({v.size(0), v.size(2), v.size(3)}, v.options().dtype(at::kDouble));
+  };
   ForwardArgs cpu_args{scores, values, std::nullopt, std::nullopt, at::empty_like(values),
-                       at::empty_like(scores)};
+                       lse_like(scores), final_like(values)};
   cpu::scan_forward(cpu_args);
   const double cpu_error = max_error(cpu_args.out, ref);
   RecordProperty("plain_pytorch_error", std::to_string(plain_error));
@@ -395,7 +398,7 @@ TEST(EmulatedScanAccuracy, Float32ForwardWithinCpuError) {
   for (const int multiprocessors : {108, 1}) {
     const DeviceScope device(multiprocessors, multiprocessors == 1 ? 512 : 2048, false);
     ForwardArgs args{scores, values, std::nullopt, std::nullopt, at::empty_like(values),
-                     at::empty_like(scores)};
+                     lse_like(scores), final_like(values)};
     const int64_t launches_before = emu::stats().launches;
     gpu::scan_forward(args);
     const int64_t launches = emu::stats().launches - launches_before;
@@ -438,10 +441,10 @@ TEST(EmulatedScanAccuracy, Float32BackwardVsFloat64) {
     Problem p32;
     p32.scores = p64.scores.to(at::kFloat);
     p32.values = p64.values.to(at::kFloat);
-    p32.state_lse = p64.state_lse->to(at::kFloat);
-    p32.state_out = p64.state_out->to(at::kFloat);
+    p32.state_lse = p64.state_lse;  // float64 in every dtype
+    p32.state_out = p64.state_out;  // float64 in every dtype
     p32.grad_out = p64.grad_out->to(at::kFloat);
-    p32.grad_lse = p64.grad_lse->to(at::kFloat);
+    p32.grad_lse = p64.grad_lse;
 
     ForwardArgs f_ref = forward_args(p64, 0);
     cpu::scan_forward(f_ref);

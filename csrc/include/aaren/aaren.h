@@ -3,7 +3,9 @@
 //
 // Layouts (the same contract as the Python API):
 //   scores [B, N, H], values [B, N, H, D] (last dimension contiguous, other strides free),
-//   state: lse [B, H] (float64 for float64 values, float32 otherwise), out [B, H, D].
+//   state: lse [B, H] and out [B, H, D], float64 for every dtype of values, so that
+//   carrying it loses nothing against one scan (docs/design.md). States in other floating
+//   dtypes (the float32 lse of earlier versions, say) are accepted and converted.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,30 +24,35 @@ struct State {
   at::Tensor out;
 };
 
-// The empty state (lse = -inf, out = 0) for values of this dtype and device.
+// The empty state (lse = -inf, out = 0) for values of this dtype and device, in the
+// state's dtypes.
 State empty_state(int64_t batch, int64_t heads, int64_t head_dim, const at::TensorOptions& values_options);
 
 // Outputs for every prefix [B, N, H, D] and the state after the last token.
 std::pair<at::Tensor, State> scan(const at::Tensor& scores, const at::Tensor& values,
                                   const std::optional<State>& state = std::nullopt);
 
-// One token: score [B, H], value [B, H, D]. Returns its output [B, H, D] and the new state.
+// One token: score [B, H], value [B, H, D]. Returns its output [B, H, D] (values' dtype) and
+// the new state, which shares no storage with the output.
 std::pair<at::Tensor, State> step(const at::Tensor& score, const at::Tensor& value,
                                   const std::optional<State>& state = std::nullopt);
 
 // The registered operators themselves (torch.ops.aaren.*).
 namespace ops {
-std::tuple<at::Tensor, at::Tensor> scan_forward(const at::Tensor& scores, const at::Tensor& values,
-                                                const std::optional<at::Tensor>& state_lse,
-                                                const std::optional<at::Tensor>& state_out);
+// (out, lse per token, final_out: the state's out after the last token).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_forward(
+    const at::Tensor& scores, const at::Tensor& values,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward(
     const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& scores, const at::Tensor& values, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& state_lse,
     const std::optional<at::Tensor>& state_out);
-std::tuple<at::Tensor, at::Tensor> step(const at::Tensor& score, const at::Tensor& value,
-                                        const std::optional<at::Tensor>& state_lse,
-                                        const std::optional<at::Tensor>& state_out);
+// (out, the new state's lse, the new state's out).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step(const at::Tensor& score,
+                                                    const at::Tensor& value,
+                                                    const std::optional<at::Tensor>& state_lse,
+                                                    const std::optional<at::Tensor>& state_out);
 }  // namespace ops
 
 // How this library was built, as a JSON object (what `python -m aaren` prints).

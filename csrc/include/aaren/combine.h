@@ -31,6 +31,65 @@ AAREN_HOST_DEVICE T exp_of_difference(T x, T y) {
   return x == negative_infinity<T>() ? T(0) : std::exp(x - y);
 }
 
+// ---- Log-sums in float64 ---------------------------------------------------------
+// A log-sum-exp L = m + log u of scores of large magnitude (a constant offset per head is
+// enough: a key bias folds into one) loses log u when held in float32: at |m| ~ 1e4 its ulp
+// is ~1e-3, a relative error of 1e-3 in every weight e^(s - L). So every L the kernels
+// store or read (the state's, the per-token lse saved for the backward, chunk summaries)
+// is float64, while the running maximum m and the sums stay in the accumulation type T:
+// differences are taken in float64, exponentials in T (they are of moderate arguments).
+
+// e^(x - y) in T for float64 x <= y (up to rounding), 0 when x = -inf ("nothing there").
+// The difference, exact in float64, is split into hi (rounded to T) and lo (the rest, below
+// an ulp of hi): e^(x - y) = e^hi (1 + lo). Rounding it to T instead would be a relative
+// error of |x - y| ulps in the result (16 float32 eps at the backward's gap of 32).
+template <typename T>
+AAREN_HOST_DEVICE T exp_of_difference_wide(double x, double y) {
+  if (x == negative_infinity<double>()) {
+    return T(0);
+  }
+  const double difference = x - y;
+  const T hi = static_cast<T>(difference);
+  const T lo = static_cast<T>(difference - static_cast<double>(hi));
+  return std::exp(hi) * (T(1) + lo);
+}
+
+// L = m + log u in float64, -inf when u = 0 (nothing seen).
+template <typename T>
+AAREN_HOST_DEVICE double lse_of_wide(T running_max, T denominator) {
+  return denominator == T(0)
+      ? negative_infinity<double>()
+      : static_cast<double>(running_max) + std::log(static_cast<double>(denominator));
+}
+
+// The online-softmax scalars (m, u) that represent a float64 log-sum L exactly enough:
+// m = L rounded to T, u = e^(L - m) (within an ulp of 1); (-inf, 0) for L = -inf. A state
+// (L, o) enters a scan as (m, u, w = u o).
+template <typename T>
+struct MaxSum {
+  T max;
+  T sum;
+};
+
+template <typename T>
+AAREN_HOST_DEVICE MaxSum<T> max_sum_of(double lse) {
+  if (lse == negative_infinity<double>()) {
+    return {negative_infinity<T>(), T(0)};
+  }
+  const T max = static_cast<T>(lse);
+  return {max, std::exp(static_cast<T>(lse - static_cast<double>(max)))};
+}
+
+// The state's out as the backward reads it for dL_0 = f (o_0 . R_1 - rho_1): rounded to the
+// values' dtype T, as the outputs o_j inside rho are. The difference o_0 - o_j is what
+// matters (dL_0 = sum_j e^(L_0 - L_j) g_j . (o_0 - o_j) - ...), and with both rounded alike
+// it is exact where it should be 0 (every token masked: o_j = o_0), instead of the
+// rounding of a half-precision output times |g|.
+template <typename T, typename acc_t>
+AAREN_HOST_DEVICE acc_t rounded_state_out(double out) {
+  return static_cast<acc_t>(static_cast<T>(out));
+}
+
 // ---- Streaming forms, for the sequential pass over tokens ---------------------
 // The (lse, out) recurrence rounds lse at every token, and since out is renormalized
 // with exp(L_{k-1} - L_k) the rounding drifts over long sequences. The kernels instead
@@ -83,14 +142,14 @@ AAREN_HOST_DEVICE T rescale_gap() {
   return T(32);
 }
 
-// Lowers `reference` to `lse` if the gap is exceeded; returns the factor the sums
-// must be multiplied by (1 when nothing changed).
+// Lowers `reference` to `lse` (both float64 log-sums) if the gap is exceeded; returns the
+// factor, in T, that the sums must be multiplied by (1 when nothing changed).
 template <typename T>
-AAREN_HOST_DEVICE T lower_reference(T& reference, T lse) {
-  if (reference - lse <= rescale_gap<T>()) {
+AAREN_HOST_DEVICE T lower_reference(double& reference, double lse) {
+  if (reference - lse <= static_cast<double>(rescale_gap<T>())) {
     return T(1);
   }
-  const T factor = std::exp(lse - reference);
+  const T factor = exp_of_difference_wide<T>(lse, reference);
   reference = lse;
   return factor;
 }

@@ -107,13 +107,15 @@ void forward_typed(const ForwardArgs& args) {
   const scalar_t* scores = args.scores.const_data_ptr<scalar_t>();
   const scalar_t* values = args.values.const_data_ptr<scalar_t>();
   scalar_t* out = args.out.mutable_data_ptr<scalar_t>();  // contiguous [B,N,H,D]
-  acc_t* lse = args.lse.mutable_data_ptr<acc_t>();        // contiguous [B,N,H]
+  using state_t = double;  // the state's out (ops/scan.h)
+  double* lse = args.lse.mutable_data_ptr<double>();      // contiguous [B,N,H]
+  state_t* final_out = args.final_out.mutable_data_ptr<state_t>();  // contiguous [B,H,D]
   const auto s_strides = args.scores.strides();
   const auto v_strides = args.values.strides();
 
   const bool has_state = args.state_lse.has_value();
-  const acc_t* state_lse = has_state ? args.state_lse->const_data_ptr<acc_t>() : nullptr;
-  const scalar_t* state_out = has_state ? args.state_out->const_data_ptr<scalar_t>() : nullptr;
+  const double* state_lse = has_state ? args.state_lse->const_data_ptr<double>() : nullptr;
+  const state_t* state_out = has_state ? args.state_out->const_data_ptr<state_t>() : nullptr;
 
   const TaskSplit split = split_tasks(batch, length, heads, head_dim);
   at::parallel_for(0, batch * split.tasks_per_batch, split.grain, [&](int64_t begin, int64_t end) {
@@ -126,7 +128,7 @@ void forward_typed(const ForwardArgs& args) {
       const int64_t h_begin = (task % split.tasks_per_batch) * split.heads_per_task;
       const int64_t task_heads = std::min(split.heads_per_task, heads - h_begin);
 
-      // The state (L0, o0) enters as (max L0, denominator 1, numerator o0).
+      // The state (L0, o0) enters as (m, u, u o0) with (m, u) = max_sum_of(L0) (combine.h).
       std::fill(numerator.begin(), numerator.end(), acc_t(0));
       for (int64_t j = 0; j < task_heads; ++j) {
         const int64_t h = h_begin + j;
@@ -135,12 +137,14 @@ void forward_typed(const ForwardArgs& args) {
         if (!has_state) {
           continue;
         }
-        running_max[j] = state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
-        if (running_max[j] != negative_infinity<acc_t>()) {
-          denominator[j] = 1;
-          const scalar_t* row = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
+        const MaxSum<acc_t> entering = max_sum_of<acc_t>(
+            state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)]);
+        running_max[j] = entering.max;
+        denominator[j] = entering.sum;
+        if (entering.sum != acc_t(0)) {
+          const state_t* row = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
           for (int64_t d = 0; d < head_dim; ++d) {
-            numerator[j * row_width + d] = static_cast<acc_t>(row[d]);
+            numerator[j * row_width + d] = static_cast<acc_t>(entering.sum * row[d]);
           }
         }
       }
@@ -153,7 +157,7 @@ void forward_typed(const ForwardArgs& args) {
           const int64_t h = h_begin + j;
           const auto w = add_score(running_max[j], static_cast<acc_t>(score_row[h * s_strides[2]]));
           denominator[j] = w.weight_old * denominator[j] + w.weight_new;
-          lse[token * heads + h] = lse_of(running_max[j], denominator[j]);
+          lse[token * heads + h] = lse_of_wide(running_max[j], denominator[j]);
           const AccVec weight_old(w.weight_old);
           const AccVec weight_new(w.weight_new);
           const AccVec inverse(reciprocal_or_zero(denominator[j]));
@@ -173,6 +177,16 @@ void forward_typed(const ForwardArgs& args) {
             }
             IO::store(o_row + d, count, o);
           }
+        }
+      }
+
+      // The state's out after the last token, unrounded: w / u in the state's type.
+      for (int64_t j = 0; j < task_heads; ++j) {
+        const state_t inverse = reciprocal_or_zero(static_cast<state_t>(denominator[j]));
+        const acc_t* w_row = numerator.data() + j * row_width;
+        state_t* f_row = final_out + (b * heads + h_begin + j) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          f_row[d] = static_cast<state_t>(w_row[d]) * inverse;
         }
       }
     }
@@ -202,32 +216,34 @@ void backward_typed(const BackwardArgs& args) {
   const scalar_t* scores = args.scores.const_data_ptr<scalar_t>();
   const scalar_t* values = args.values.const_data_ptr<scalar_t>();
   const scalar_t* out = args.out.const_data_ptr<scalar_t>();  // contiguous, as forward wrote it
-  const acc_t* lse = args.lse.const_data_ptr<acc_t>();
+  const double* lse = args.lse.const_data_ptr<double>();
   const auto s_strides = args.scores.strides();
   const auto v_strides = args.values.strides();
 
   // An absent gradient reads as zeros: a zero row (or scalar) with stride 0.
   const std::vector<scalar_t> zero_row(row_width, scalar_t(0));
-  const acc_t zero_scalar = 0;
+  const double zero_scalar = 0;
   const bool has_grad_out = args.grad_out.has_value();
   const scalar_t* grad_out = has_grad_out ? args.grad_out->const_data_ptr<scalar_t>() : zero_row.data();
   const int64_t g_stride_b = has_grad_out ? args.grad_out->stride(0) : 0;
   const int64_t g_stride_n = has_grad_out ? args.grad_out->stride(1) : 0;
   const int64_t g_stride_h = has_grad_out ? args.grad_out->stride(2) : 0;
   const bool has_grad_lse = args.grad_lse.has_value();
-  const acc_t* grad_lse = has_grad_lse ? args.grad_lse->const_data_ptr<acc_t>() : &zero_scalar;
+  const double* grad_lse = has_grad_lse ? args.grad_lse->const_data_ptr<double>() : &zero_scalar;
   const int64_t G_stride_b = has_grad_lse ? args.grad_lse->stride(0) : 0;
   const int64_t G_stride_n = has_grad_lse ? args.grad_lse->stride(1) : 0;
   const int64_t G_stride_h = has_grad_lse ? args.grad_lse->stride(2) : 0;
 
+  using state_t = double;  // the state's out (ops/scan.h)
   const bool has_state = args.state_lse.has_value();
-  const acc_t* state_lse = has_state ? args.state_lse->const_data_ptr<acc_t>() : nullptr;
-  const scalar_t* state_out = has_state ? args.state_out->const_data_ptr<scalar_t>() : nullptr;
+  const double* state_lse = has_state ? args.state_lse->const_data_ptr<double>() : nullptr;
+  const state_t* state_out = has_state ? args.state_out->const_data_ptr<state_t>() : nullptr;
 
   scalar_t* grad_scores = args.grad_scores.mutable_data_ptr<scalar_t>();
   scalar_t* grad_values = args.grad_values.mutable_data_ptr<scalar_t>();
-  acc_t* grad_state_lse = args.grad_state_lse.mutable_data_ptr<acc_t>();
-  scalar_t* grad_state_out = args.grad_state_out.mutable_data_ptr<scalar_t>();
+  double* grad_state_lse = args.grad_state_lse.mutable_data_ptr<double>();
+  state_t* grad_state_out = args.grad_state_out.mutable_data_ptr<state_t>();
+  const std::vector<state_t> zero_state_row(head_dim, state_t(0));
 
   const auto sum_lanes = [](const AccVec& x) {
     return at::vec::vec_reduce_all<acc_t>([](const AccVec& p, const AccVec& q) { return p + q; }, x);
@@ -235,7 +251,7 @@ void backward_typed(const BackwardArgs& args) {
 
   const TaskSplit split = split_tasks(batch, length, heads, head_dim);
   at::parallel_for(0, batch * split.tasks_per_batch, split.grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> reference(split.heads_per_task);  // r, per head
+    std::vector<double> reference(split.heads_per_task);  // r, per head (a log-sum: float64)
     std::vector<acc_t> sum_rho(split.heads_per_task);    // P, per head
     std::vector<acc_t> sum_g(split.heads_per_task * row_width);  // S, per head
     for (int64_t task = begin; task < end; ++task) {
@@ -245,7 +261,7 @@ void backward_typed(const BackwardArgs& args) {
       std::fill(sum_g.begin(), sum_g.end(), acc_t(0));
       std::fill(sum_rho.begin(), sum_rho.end(), acc_t(0));
       for (int64_t j = 0; j < task_heads; ++j) {
-        reference[j] = length > 0 ? lse[((b * length + length - 1) * heads) + h_begin + j] : acc_t(0);
+        reference[j] = length > 0 ? lse[((b * length + length - 1) * heads) + h_begin + j] : 0.0;
       }
 
       for (int64_t n = length - 1; n >= 0; --n) {
@@ -253,22 +269,24 @@ void backward_typed(const BackwardArgs& args) {
         const scalar_t* score_row = scores + b * s_strides[0] + n * s_strides[1];
         for (int64_t j = 0; j < task_heads; ++j) {
           const int64_t h = h_begin + j;
-          const acc_t lse_n = lse[token * heads + h];
+          const double lse_n = lse[token * heads + h];
           scalar_t* dv_row = grad_values + (token * heads + h) * head_dim;
-          if (lse_n == negative_infinity<acc_t>()) {
+          if (lse_n == negative_infinity<double>()) {
             // Every token up to here is masked: gradients are exactly zero.
             grad_scores[token * heads + h] = scalar_t(0);
             std::fill_n(dv_row, head_dim, scalar_t(0));
             continue;
           }
           acc_t* s_row = sum_g.data() + j * row_width;
-          const acc_t factor = lower_reference(reference[j], lse_n);
+          const acc_t factor = lower_reference<acc_t>(reference[j], lse_n);
           if (factor != acc_t(1)) {
             std::for_each(s_row, s_row + row_width, [factor](acc_t& x) { x *= factor; });
             sum_rho[j] *= factor;
           }
-          const acc_t w = std::exp(reference[j] - lse_n);  // <= e^gap
-          const acc_t e = exp_of_difference(static_cast<acc_t>(score_row[h * s_strides[2]]), reference[j]);
+          const acc_t w = exp_of_difference_wide<acc_t>(reference[j], lse_n);  // <= e^gap
+          // s - r in float64: r may be far from 0 while s - r is not.
+          const acc_t e = exp_of_difference_wide<acc_t>(
+              static_cast<double>(static_cast<acc_t>(score_row[h * s_strides[2]])), reference[j]);
           const AccVec weight(w);
           const AccVec e_vec(e);
           AccVec g_dot_o(0);
@@ -292,7 +310,8 @@ void backward_typed(const BackwardArgs& args) {
             }
             IO::store(dv_row + d, count, dv);
           }
-          sum_rho[j] += w * (sum_lanes(g_dot_o) - grad_lse[b * G_stride_b + n * G_stride_n + h * G_stride_h]);
+          sum_rho[j] += w * (sum_lanes(g_dot_o) -
+                             static_cast<acc_t>(grad_lse[b * G_stride_b + n * G_stride_n + h * G_stride_h]));
           grad_scores[token * heads + h] = static_cast<scalar_t>(e * (sum_lanes(v_dot_s) - sum_rho[j]));
         }
       }
@@ -300,21 +319,22 @@ void backward_typed(const BackwardArgs& args) {
       // The initial state as a token before the first: f R_1 = e^(L_0 - r) S.
       for (int64_t j = 0; j < task_heads; ++j) {
         const int64_t h = h_begin + j;
-        const acc_t lse_0 = has_state
+        const double lse_0 = has_state
             ? state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)]
-            : negative_infinity<acc_t>();
-        const acc_t f = length == 0 ? acc_t(0) : exp_of_difference(lse_0, reference[j]);
-        const scalar_t* o0_row = has_state
+            : negative_infinity<double>();
+        const acc_t f = length == 0 ? acc_t(0) : exp_of_difference_wide<acc_t>(lse_0, reference[j]);
+        const state_t* o0_row = has_state
             ? state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1)
-            : zero_row.data();
+            : zero_state_row.data();
         const acc_t* s_row = sum_g.data() + j * row_width;
-        scalar_t* do0_row = grad_state_out + (b * heads + h) * head_dim;
+        state_t* do0_row = grad_state_out + (b * heads + h) * head_dim;
         acc_t o0_dot_s = 0;
         for (int64_t d = 0; d < head_dim; ++d) {
-          o0_dot_s += static_cast<acc_t>(o0_row[d]) * s_row[d];
-          do0_row[d] = static_cast<scalar_t>(f * s_row[d]);
+          // o0 rounded as the tokens' outputs in rho are (see rounded_state_out).
+          o0_dot_s += rounded_state_out<scalar_t, acc_t>(o0_row[d]) * s_row[d];
+          do0_row[d] = static_cast<state_t>(f * s_row[d]);
         }
-        grad_state_lse[b * heads + h] = f * (o0_dot_s - sum_rho[j]);
+        grad_state_lse[b * heads + h] = static_cast<double>(f * (o0_dot_s - sum_rho[j]));
       }
     }
   });

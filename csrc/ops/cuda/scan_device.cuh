@@ -43,21 +43,10 @@ __device__ __forceinline__ void store_pack(T* ptr, const acc_t (&x)[VEC]) {
 }
 
 // The scalars of the forward's online softmax (aaren/combine.h) over some tokens: their
-// maximum score m and the denominator u = sum e^(s_i - m). A token is (s, 1); a masked
-// token (s = -inf) and the empty state are (-inf, 0). The numerator w = sum e^(s_i - m) v_i
-// is kept per feature; per token, out = w / u and lse = m + log u.
-template <typename acc_t>
-struct MaxSum {
-  acc_t max;
-  acc_t sum;
-};
-
-// The state (L0, o0) before a sequence (or a chunk) enters as (m, u, w) = (L0, 1, o0), or
-// (-inf, 0, 0) when L0 = -inf; `sum != 0` says whether o0 enters as the numerator.
-template <typename acc_t>
-__device__ __forceinline__ MaxSum<acc_t> entering_state(acc_t lse) {
-  return {lse, lse == negative_infinity<acc_t>() ? acc_t(0) : acc_t(1)};
-}
+// maximum score m and the denominator u = sum e^(s_i - m), as MaxSum. A token is (s, 1); a
+// masked token (s = -inf) and the empty state are (-inf, 0); a float64 log-sum L (a state,
+// a chunk summary) is max_sum_of(L) = (L rounded, e^(L - rounded)). The numerator
+// w = sum e^(s_i - m) v_i is kept per feature; per token, out = w / u and lse = m + log u.
 
 // A then B: m = max(m_A, m_B), u = u_A e^(m_A - m) + u_B e^(m_B - m), with the weights as
 // add_score forms them: the side holding the maximum has weight exactly 1, -inf - -inf is
@@ -72,7 +61,7 @@ __device__ __forceinline__ MaxSum<acc_t> merge_max_sum(const MaxSum<acc_t>& a,
 
 // The online softmax of a tile, token `lane` on each lane, from the state `carry` before
 // the tile: `state` is (m, u) after the token, and the token's step of the numerator is
-// w' = keep * w + take * v, keep = e^(m_before - m), take = e^(s - m).
+// w' = keep * w + take * v, keep = e^(m_before - m), take = u_token e^(m_token - m).
 template <typename acc_t>
 struct TileSoftmax {
   MaxSum<acc_t> state;
@@ -85,13 +74,14 @@ struct TileSoftmax {
 // rounding carried from token to token beyond that of a sum. keep and take are exactly
 // the CPU's: add_score of the token's score into the maximum before it, so one of them is
 // 1, and masked tokens and an all-masked prefix get exactly (1, 0) (then out = 0 and
-// lse = -inf via reciprocal_or_zero and lse_of). Lanes past the end of the sequence must
-// pass score = -inf: they repeat the last state.
+// lse = -inf via reciprocal_or_zero and lse_of_wide). Lanes past the end of the sequence
+// must pass the empty token (-inf, 0): they repeat the last state. A token whose u is not 1
+// (a chunk summary) scales its take by u.
 template <typename acc_t>
-__device__ __forceinline__ TileSoftmax<acc_t> tile_online_softmax(acc_t score,
+__device__ __forceinline__ TileSoftmax<acc_t> tile_online_softmax(const MaxSum<acc_t>& token,
                                                                   const MaxSum<acc_t>& carry,
                                                                   int lane) {
-  MaxSum<acc_t> prefix{score, score == negative_infinity<acc_t>() ? acc_t(0) : acc_t(1)};
+  MaxSum<acc_t> prefix = token;
 #pragma unroll
   for (int offset = 1; offset < kWarpSize; offset *= 2) {
     const MaxSum<acc_t> earlier{__shfl_up_sync(kFullMask, prefix.max, offset),
@@ -105,8 +95,8 @@ __device__ __forceinline__ TileSoftmax<acc_t> tile_online_softmax(acc_t score,
   if (lane == 0) {
     max_before = carry.max;
   }
-  const RescaleWeights<acc_t> weights = add_score(max_before, score);
-  return {state, weights.weight_old, weights.weight_new};
+  const RescaleWeights<acc_t> weights = add_score(max_before, token.max);
+  return {state, weights.weight_old, weights.weight_new * token.sum};
 }
 
 // A reverse first-order linear recurrence over the lanes of a tile:

@@ -120,24 +120,29 @@ Strided<T> contiguous(T* data, int64_t length, int64_t heads, int64_t dim) {
   return {data, length * heads * dim, heads * dim, dim};
 }
 
-template <typename T, typename state_t>
+// score_t is the type of the scores: T on level 0, float64 on the levels of chunk
+// summaries (whose "scores" are the chunks' log-sums, float64 as every stored lse).
+// state_t is the type of the state's out (float64, ops/scan.h).
+template <typename T, typename score_t, typename state_t>
 struct ForwardParams {
   using acc_t = at::opmath_type<T>;
   Shape shape;
   int64_t dtiles;  // warps per (sequence, chunk), each over 32 * VEC features
-  Strided<const T> scores;  // [B, N, H]
-  Strided<const T> values;  // [B, N, H, D]
+  Strided<const score_t> scores;  // [B, N, H]
+  Strided<const T> values;        // [B, N, H, D]
   // The state before the first token; state_lse.data == nullptr is the empty state.
-  Strided<const acc_t> state_lse;   // [B, H]
-  Strided<const state_t> state_out;  // [B, H, D]
+  Strided<const double> state_lse;  // [B, H]
+  Strided<const state_t> state_out; // [B, H, D]
   // Scan, chunk c > 0: the state after chunk c - 1, [B, C, H(, D)] contiguous.
-  const acc_t* carry_lse;
+  const double* carry_lse;
   const acc_t* carry_out;
-  // Scan: out [B, N, H, D] and lse [B, N, H], contiguous.
+  // Scan: out [B, N, H, D] and lse [B, N, H], contiguous; final_out [B, H, D] (level 0
+  // only, else nullptr): the unrounded out after the last token.
   T* out;
-  acc_t* lse;
+  double* lse;
+  state_t* final_out;
   // Summarize: (lse, out) of each chunk's tokens alone, [B, C, H(, D)] contiguous.
-  acc_t* summary_lse;
+  double* summary_lse;
   acc_t* summary_out;
 
   __host__ __device__ int64_t num_items() const {
@@ -147,21 +152,21 @@ struct ForwardParams {
 
 // T is the type of the vectors g (and, on level 0, of scores, values and out): the
 // input dtype on level 0, the accumulation type on the levels of chunk summaries.
-template <typename T>
+template <typename T, typename state_t>
 struct BackwardParams {
   using acc_t = at::opmath_type<T>;
   Shape shape;
-  Strided<const acc_t> lse;  // [B, N, H]: the gates a_i = e^(L_i - L_{i+1})
-  Strided<const T> grad;     // g_i, [B, N, H, D]; data == nullptr reads as zeros
+  Strided<const double> lse;  // [B, N, H]: the gates a_i = e^(L_i - L_{i+1})
+  Strided<const T> grad;      // g_i, [B, N, H, D]; data == nullptr reads as zeros
   // Level 0.
-  Strided<const acc_t> grad_lse;  // G_i, [B, N, H]; data == nullptr reads as zeros
-  Strided<const T> scores;        // [B, N, H]
-  Strided<const T> values;        // [B, N, H, D]
-  const T* out;                   // [B, N, H, D] contiguous
-  Strided<const acc_t> state_lse;  // [B, H], data == nullptr: empty state
-  Strided<const T> state_out;      // [B, H, D]
-  acc_t* grad_state_lse;           // [B, H] contiguous
-  T* grad_state_out;               // [B, H, D] contiguous
+  Strided<const double> grad_lse;  // G_i, [B, N, H]; data == nullptr reads as zeros
+  Strided<const T> scores;         // [B, N, H]
+  Strided<const T> values;         // [B, N, H, D]
+  const T* out;                    // [B, N, H, D] contiguous
+  Strided<const double> state_lse;   // [B, H], data == nullptr: empty state
+  Strided<const state_t> state_out;  // [B, H, D]
+  double* grad_state_lse;            // [B, H] contiguous
+  state_t* grad_state_out;           // [B, H, D] contiguous, any alignment (per element)
   // Summary levels: each chunk's rho (the scalar input of the rho recurrence), [B, N, H].
   const acc_t* rho_in;
   // Scan, chunk c < C - 1: R and rho at the first token of chunk c + 1, [B, C, H(, D)].
@@ -188,9 +193,9 @@ constexpr int kBackwardMaxThreads = kBackwardMaxWarps * kWarpSize;
 // computes the same scalars), w per feature. kSummarize: phase 1, the chunk from the
 // empty state, writing only its final (lse, out); otherwise the chunk from its carried-in
 // state, writing out = w / u and lse = m + log u for every token.
-template <typename T, typename state_t, int VEC, bool kSummarize>
+template <typename T, typename score_t, typename state_t, int VEC, bool kSummarize>
 __global__ void __launch_bounds__(kForwardThreads, 4)
-    forward_chunk_kernel(const ForwardParams<T, state_t> p) {
+    forward_chunk_kernel(const ForwardParams<T, score_t, state_t> p) {
   using acc_t = at::opmath_type<T>;
   // Tokens whose values are loaded ahead of use: 32 to 128 bytes in flight per lane
   // (at most 16 tokens, 8 of an 8-byte type: more than that spills registers, since each
@@ -217,7 +222,7 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
 
   // The online softmax before the chunk's first token: (m, u) and this lane's numerators
   // w. The state (L0, o0) (chunk 0) or the carry from the previous chunks enters as
-  // (L0, 1, o0), the empty one (L0 = -inf) as (-inf, 0, 0).
+  // (m, u, u o0) with (m, u) = max_sum_of(L0), the empty one (L0 = -inf) as (-inf, 0, 0).
   MaxSum<acc_t> carry{negative_infinity<acc_t>(), acc_t(0)};
   acc_t w[VEC];
 #pragma unroll
@@ -227,40 +232,49 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
   if constexpr (!kSummarize) {
     if (chunk == 0) {
       if (p.state_lse.data != nullptr) {
-        carry = entering_state(*p.state_lse.row(b, h));
+        carry = max_sum_of<acc_t>(*p.state_lse.row(b, h));
         if (active && carry.sum != acc_t(0)) {
           const state_t* row = p.state_out.row(b, h) + d;  // any alignment: per element
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            w[k] = static_cast<acc_t>(row[k]);
+            w[k] = static_cast<acc_t>(carry.sum * row[k]);
           }
         }
       }
     } else {
       const int64_t index = shape.chunk_index(b, chunk - 1, h);
-      carry = entering_state(p.carry_lse[index]);
+      carry = max_sum_of<acc_t>(p.carry_lse[index]);
       if (active && carry.sum != acc_t(0)) {
         const Pack<acc_t, VEC> carried = load_pack<VEC>(p.carry_out + index * shape.dim + d);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          w[k] = carried.elem[k];
+          w[k] = carry.sum * carried.elem[k];
         }
       }
     }
   }
 
-  const T* score_row = p.scores.row(b, h);
+  const score_t* score_row = p.scores.row(b, h);
   const T* value_row = p.values.row(b, h) + d;
   for (int64_t tile = n_begin; tile < n_end; tile += kWarpSize) {
     const int count = static_cast<int>(std::min<int64_t>(kWarpSize, n_end - tile));
     const int64_t n = tile + lane;
-    const acc_t score = lane < count ? static_cast<acc_t>(score_row[n * p.scores.stride_n])
-                                     : negative_infinity<acc_t>();
-    const TileSoftmax<acc_t> t = tile_online_softmax(score, carry, lane);
+    // A token (s, 1) on level 0; a chunk summary's float64 lse as max_sum_of(lse).
+    MaxSum<acc_t> token{negative_infinity<acc_t>(), acc_t(0)};
+    if (lane < count) {
+      const score_t score = score_row[n * p.scores.stride_n];
+      if constexpr (std::is_same_v<score_t, double> && !std::is_same_v<acc_t, double>) {
+        token = max_sum_of<acc_t>(score);
+      } else {
+        const acc_t s = static_cast<acc_t>(score);
+        token = {s, s == negative_infinity<acc_t>() ? acc_t(0) : acc_t(1)};
+      }
+    }
+    const TileSoftmax<acc_t> t = tile_online_softmax(token, carry, lane);
     acc_t inverse = 0;  // 1 / u after token `lane`
     if constexpr (!kSummarize) {
       if (dtile == 0 && lane < count) {
-        p.lse[shape.token_index(b, n, h)] = lse_of(t.state.max, t.state.sum);
+        p.lse[shape.token_index(b, n, h)] = lse_of_wide(t.state.max, t.state.sum);
       }
       inverse = reciprocal_or_zero(t.state.sum);
     }
@@ -302,7 +316,7 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
     // The chunk as one (lse, out) pair: m + log u and w / u.
     const int64_t index = shape.chunk_index(b, chunk, h);
     if (dtile == 0 && lane == 0) {
-      p.summary_lse[index] = lse_of(carry.max, carry.sum);
+      p.summary_lse[index] = lse_of_wide(carry.max, carry.sum);
     }
     if (active) {
       const acc_t inverse = reciprocal_or_zero(carry.sum);
@@ -312,6 +326,16 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
         o[k] = w[k] * inverse;
       }
       store_pack<VEC>(p.summary_out + index * shape.dim + d, o);
+    }
+  } else {
+    // The state's out after the last token, unrounded: w / u of the last chunk.
+    if (p.final_out != nullptr && chunk + 1 == shape.num_chunks && active) {
+      const state_t inverse = reciprocal_or_zero(static_cast<state_t>(carry.sum));
+      state_t* row = p.final_out + (b * shape.heads + h) * shape.dim + d;  // per element
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        row[k] = static_cast<state_t>(w[k]) * inverse;
+      }
     }
   }
 }
@@ -324,9 +348,9 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
 //            the state gradients); otherwise a sequence of chunk summaries (g = chunk R,
 //            rho input = chunk rho, outputs R and rho per token).
 //   kSummarize: phase 1, from nothing after the chunk, writing R and rho at its first token.
-template <typename T, int VEC, int SLOTS, bool kLevel0, bool kSummarize>
+template <typename T, typename state_t, int VEC, int SLOTS, bool kLevel0, bool kSummarize>
 __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
-    backward_chunk_kernel(const BackwardParams<T> p) {
+    backward_chunk_kernel(const BackwardParams<T, state_t> p) {
   using acc_t = at::opmath_type<T>;
   constexpr int kGroup = 8;  // tokens per warp reduction of the feature sums
   // Tokens loaded ahead, three loads each: kBatch * VEC * SLOTS = 32 bytes of
@@ -383,12 +407,12 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
     }
   }
 
-  const acc_t* lse_row = p.lse.row(b, h);
+  const double* lse_row = p.lse.row(b, h);
   const T* grad_row = p.grad.data == nullptr ? nullptr : p.grad.row(b, h);
   const T* score_row = nullptr;
   const T* value_row = nullptr;
   const T* out_row = nullptr;
-  const acc_t* grad_lse_row = nullptr;
+  const double* grad_lse_row = nullptr;
   if constexpr (kLevel0) {
     score_row = p.scores.row(b, h);
     value_row = p.values.row(b, h);
@@ -417,14 +441,19 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
     acc_t weight = 0;
     acc_t rho_input = 0;
     if (valid) {
-      const acc_t lse_n = lse_row[n * p.lse.stride_n];
-      gate = n + 1 < shape.length ? exp_of_difference(lse_n, lse_row[(n + 1) * p.lse.stride_n])
-                                  : acc_t(0);
+      // Differences of log-sums in float64 (combine.h), exponentials in acc_t.
+      const double lse_n = lse_row[n * p.lse.stride_n];
+      gate = n + 1 < shape.length
+          ? exp_of_difference_wide<acc_t>(lse_n, lse_row[(n + 1) * p.lse.stride_n])
+          : acc_t(0);
       if constexpr (kLevel0) {
         if constexpr (kNeedVR) {
-          weight = exp_of_difference(static_cast<acc_t>(score_row[n * p.scores.stride_n]), lse_n);
+          weight = exp_of_difference_wide<acc_t>(
+              static_cast<double>(static_cast<acc_t>(score_row[n * p.scores.stride_n])), lse_n);
         }
-        rho_input = grad_lse_row == nullptr ? acc_t(0) : -grad_lse_row[n * p.grad_lse.stride_n];
+        rho_input = grad_lse_row == nullptr
+            ? acc_t(0)
+            : -static_cast<acc_t>(grad_lse_row[n * p.grad_lse.stride_n]);
       } else {
         rho_input = p.rho_in[shape.token_index(b, n, h)];
       }
@@ -589,9 +618,9 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
     // The initial state as a token before the first: f = e^(L_0 - L_1) (0 for the empty
     // state), dL_0 = f (o_0 . R_1 - rho_1), do_0 = f R_1, with R and rho now at token 0.
     const bool has_state = p.state_lse.data != nullptr;
-    const acc_t f = exp_of_difference(
-        has_state ? *p.state_lse.row(b, h) : negative_infinity<acc_t>(), lse_row[0]);
-    const T* state_row = has_state ? p.state_out.row(b, h) : nullptr;
+    const acc_t f = exp_of_difference_wide<acc_t>(
+        has_state ? *p.state_lse.row(b, h) : negative_infinity<double>(), lse_row[0]);
+    const state_t* state_row = has_state ? p.state_out.row(b, h) : nullptr;
     acc_t dot = 0;
 #pragma unroll
     for (int s = 0; s < SLOTS; ++s) {
@@ -601,11 +630,15 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
       acc_t grad_o0[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const acc_t o0 = has_state ? static_cast<acc_t>(state_row[d[s] + k]) : acc_t(0);
+        const acc_t o0 = has_state ? rounded_state_out<T, acc_t>(state_row[d[s] + k]) : acc_t(0);
         dot = fma(o0, R[s][k], dot);
         grad_o0[k] = f * R[s][k];
       }
-      store_pack<VEC>(p.grad_state_out + (b * shape.heads + h) * shape.dim + d[s], grad_o0);
+      state_t* grad_row = p.grad_state_out + (b * shape.heads + h) * shape.dim + d[s];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        grad_row[k] = static_cast<state_t>(grad_o0[k]);
+      }
     }
     dot = warp_sum(dot);
     if (warps > 1) {
@@ -751,31 +784,31 @@ at::TensorOptions acc_options(const at::Tensor& like) {
 
 // ---- Forward ----
 
-template <bool kSummarize, typename T, typename state_t>
-KernelFn<ForwardParams<T, state_t>> forward_kernel(int vec) {
-  KernelFn<ForwardParams<T, state_t>> kernel = nullptr;
+template <bool kSummarize, typename T, typename score_t, typename state_t>
+KernelFn<ForwardParams<T, score_t, state_t>> forward_kernel(int vec) {
+  KernelFn<ForwardParams<T, score_t, state_t>> kernel = nullptr;
   with_vec<T>(vec, [&](auto width) {
-    kernel = forward_chunk_kernel<T, state_t, decltype(width)::value, kSummarize>;
+    kernel = forward_chunk_kernel<T, score_t, state_t, decltype(width)::value, kSummarize>;
   });
   return kernel;
 }
 
-template <bool kSummarize, typename T, typename state_t>
-void launch_forward(const ForwardParams<T, state_t>& p, int vec) {
-  launch(forward_kernel<kSummarize, T, state_t>(vec), ceil_div(p.num_items(), kForwardWarps),
-         kForwardThreads, 0, p);
+template <bool kSummarize, typename T, typename score_t, typename state_t>
+void launch_forward(const ForwardParams<T, score_t, state_t>& p, int vec) {
+  launch(forward_kernel<kSummarize, T, score_t, state_t>(vec),
+         ceil_div(p.num_items(), kForwardWarps), kForwardThreads, 0, p);
 }
 
 // Runs the forward of one level: p has its shape (less the chunking), inputs, state and
 // outputs filled. `like` gives the device for workspace.
-template <typename T, typename state_t>
-void forward_level(ForwardParams<T, state_t> p, int vec, const at::Tensor& like) {
+template <typename T, typename score_t, typename state_t>
+void forward_level(ForwardParams<T, score_t, state_t> p, int vec, const at::Tensor& like) {
   using acc_t = at::opmath_type<T>;
   Shape& shape = p.shape;
   p.dtiles = std::max<int64_t>(1, ceil_div(shape.dim, kWarpSize * vec));
   const ChunkPlan plan =
       plan_chunks(shape.length, shape.batch * shape.heads * p.dtiles, [&] {
-        return resident_warps(forward_kernel<false, T, state_t>(vec), kForwardThreads, 0);
+        return resident_warps(forward_kernel<false, T, score_t, state_t>(vec), kForwardThreads, 0);
       });
   shape.chunk_len = plan.chunk_len;
   shape.num_chunks = plan.num_chunks;
@@ -784,24 +817,25 @@ void forward_level(ForwardParams<T, state_t> p, int vec, const at::Tensor& like)
   if (plan.num_chunks > 1) {
     const int64_t B = shape.batch, C = plan.num_chunks, H = shape.heads, D = shape.dim;
     const at::TensorOptions options = acc_options<acc_t>(like);
-    summary_lse = at::empty({B, C, H}, options);
+    const at::TensorOptions lse_options = acc_options<double>(like);
+    summary_lse = at::empty({B, C, H}, lse_options);
     summary_out = at::empty({B, C, H, D}, options);
-    p.summary_lse = summary_lse.mutable_data_ptr<acc_t>();
+    p.summary_lse = summary_lse.mutable_data_ptr<double>();
     p.summary_out = summary_out.mutable_data_ptr<acc_t>();
     launch_forward<true>(p, vec);
 
     // The chunks as tokens (score = chunk lse, value = chunk out) from the same initial
     // state: their outputs are the states after each chunk.
-    carry_lse = at::empty({B, C, H}, options);
+    carry_lse = at::empty({B, C, H}, lse_options);
     carry_out = at::empty({B, C, H, D}, options);
-    ForwardParams<acc_t, state_t> chunks{};
+    ForwardParams<acc_t, double, state_t> chunks{};
     chunks.shape = {B, C, H, D, C, 1};
-    chunks.scores = contiguous<const acc_t>(p.summary_lse, C, H, 1);
+    chunks.scores = contiguous<const double>(p.summary_lse, C, H, 1);
     chunks.values = contiguous<const acc_t>(p.summary_out, C, H, D);
     chunks.state_lse = p.state_lse;
     chunks.state_out = p.state_out;
     chunks.out = carry_out.mutable_data_ptr<acc_t>();
-    chunks.lse = carry_lse.mutable_data_ptr<acc_t>();
+    chunks.lse = carry_lse.mutable_data_ptr<double>();
     const int chunk_vec = pick_vec<acc_t>(
         D, {{chunks.values.data, sizeof(acc_t), {C * H * D, H * D, D}},
             {chunks.out, sizeof(acc_t), {C * H * D, H * D, D}}});
@@ -820,16 +854,18 @@ void forward_typed(const ForwardArgs& args) {
   if (B * N * H == 0) {
     return;  // nothing to write
   }
-  ForwardParams<scalar_t, scalar_t> p{};
+  using state_t = double;  // the state's out (ops/scan.h)
+  ForwardParams<scalar_t, scalar_t, state_t> p{};
   p.shape = {B, N, H, D, N, 1};
   p.scores = sequence_view(args.scores.const_data_ptr<scalar_t>(), args.scores);
   p.values = sequence_view(values.const_data_ptr<scalar_t>(), values);
   if (args.state_lse.has_value()) {
-    p.state_lse = state_view(args.state_lse->const_data_ptr<acc_t>(), *args.state_lse);
-    p.state_out = state_view(args.state_out->const_data_ptr<scalar_t>(), *args.state_out);
+    p.state_lse = state_view(args.state_lse->const_data_ptr<double>(), *args.state_lse);
+    p.state_out = state_view(args.state_out->const_data_ptr<state_t>(), *args.state_out);
   }
   p.out = args.out.mutable_data_ptr<scalar_t>();
-  p.lse = args.lse.mutable_data_ptr<acc_t>();
+  p.lse = args.lse.mutable_data_ptr<double>();
+  p.final_out = args.final_out.mutable_data_ptr<state_t>();
   const int vec = pick_vec<scalar_t>(
       D, {{p.values.data, sizeof(scalar_t), {p.values.stride_b, p.values.stride_n, p.values.stride_h}},
           {p.out, sizeof(scalar_t), {N * H * D, H * D, D}}});
@@ -868,17 +904,18 @@ BackwardGeometry backward_geometry(int64_t dim, int vec) {
   return {vec, kMaxSlots, static_cast<int>(ceil_div(lanes, kWarpSize * kMaxSlots))};
 }
 
-template <bool kSummarize, typename T>
-KernelFn<BackwardParams<T>> backward_kernel(const BackwardGeometry& geometry, bool level0) {
+template <bool kSummarize, typename T, typename state_t>
+KernelFn<BackwardParams<T, state_t>> backward_kernel(const BackwardGeometry& geometry,
+                                                     bool level0) {
   using acc_t = at::opmath_type<T>;
-  KernelFn<BackwardParams<T>> kernel = nullptr;
+  KernelFn<BackwardParams<T, state_t>> kernel = nullptr;
   const auto select = [&](auto width, auto slots) {
     constexpr int VEC = decltype(width)::value;
     constexpr int SLOTS = decltype(slots)::value;
     if (level0) {
-      kernel = backward_chunk_kernel<T, VEC, SLOTS, true, kSummarize>;
+      kernel = backward_chunk_kernel<T, state_t, VEC, SLOTS, true, kSummarize>;
     } else if constexpr (std::is_same_v<T, acc_t>) {
-      kernel = backward_chunk_kernel<T, VEC, SLOTS, false, kSummarize>;
+      kernel = backward_chunk_kernel<T, state_t, VEC, SLOTS, false, kSummarize>;
     }
   };
   with_vec<T>(geometry.vec, [&](auto width) {
@@ -892,24 +929,25 @@ KernelFn<BackwardParams<T>> backward_kernel(const BackwardGeometry& geometry, bo
   return kernel;
 }
 
-template <bool kSummarize, typename T>
-void launch_backward(const BackwardParams<T>& p, bool level0, const BackwardGeometry& geometry) {
+template <bool kSummarize, typename T, typename state_t>
+void launch_backward(const BackwardParams<T, state_t>& p, bool level0,
+                     const BackwardGeometry& geometry) {
   using acc_t = at::opmath_type<T>;
-  launch(backward_kernel<kSummarize, T>(geometry, level0),
+  launch(backward_kernel<kSummarize, T, state_t>(geometry, level0),
          p.shape.batch * p.shape.num_chunks * p.shape.heads, geometry.threads(),
          geometry.shared_bytes<acc_t>(), p);
 }
 
 // Runs the backward of one level: p has its shape (less the chunking), inputs and
 // outputs filled.
-template <typename T>
-void backward_level(BackwardParams<T> p, bool level0, int vec, const at::Tensor& like) {
+template <typename T, typename state_t>
+void backward_level(BackwardParams<T, state_t> p, bool level0, int vec, const at::Tensor& like) {
   using acc_t = at::opmath_type<T>;
   Shape& shape = p.shape;
   const BackwardGeometry geometry = backward_geometry(shape.dim, vec);
   const ChunkPlan plan =
       plan_chunks(shape.length, shape.batch * shape.heads * geometry.warps, [&] {
-        return resident_warps(backward_kernel<false, T>(geometry, level0), geometry.threads(),
+        return resident_warps(backward_kernel<false, T, state_t>(geometry, level0), geometry.threads(),
                               geometry.shared_bytes<acc_t>());
       });
   shape.chunk_len = plan.chunk_len;
@@ -930,7 +968,7 @@ void backward_level(BackwardParams<T> p, bool level0, int vec, const at::Tensor&
     // the gates of this level's lse taken every chunk_len tokens.
     carry_R = at::empty({B, C, H, D}, options);
     carry_rho = at::empty({B, C, H}, options);
-    BackwardParams<acc_t> chunks{};
+    BackwardParams<acc_t, state_t> chunks{};
     chunks.shape = {B, C, H, D, C, 1};
     chunks.lse = {p.lse.data, p.lse.stride_b, p.lse.stride_n * plan.chunk_len, p.lse.stride_h};
     chunks.grad = contiguous<const acc_t>(p.summary_R, C, H, D);
@@ -958,24 +996,25 @@ void backward_typed(const BackwardArgs& args) {
     args.grad_state_out.zero_();
     return;
   }
-  BackwardParams<scalar_t> p{};
+  using state_t = double;  // the state's out (ops/scan.h)
+  BackwardParams<scalar_t, state_t> p{};
   p.shape = {B, N, H, D, N, 1};
-  p.lse = sequence_view(args.lse.const_data_ptr<acc_t>(), args.lse);
+  p.lse = sequence_view(args.lse.const_data_ptr<double>(), args.lse);
   if (args.grad_out.has_value()) {
     p.grad = sequence_view(args.grad_out->const_data_ptr<scalar_t>(), *args.grad_out);
   }
   if (args.grad_lse.has_value()) {
-    p.grad_lse = sequence_view(args.grad_lse->const_data_ptr<acc_t>(), *args.grad_lse);
+    p.grad_lse = sequence_view(args.grad_lse->const_data_ptr<double>(), *args.grad_lse);
   }
   p.scores = sequence_view(args.scores.const_data_ptr<scalar_t>(), args.scores);
   p.values = sequence_view(values.const_data_ptr<scalar_t>(), values);
   p.out = args.out.const_data_ptr<scalar_t>();
   if (args.state_lse.has_value()) {
-    p.state_lse = state_view(args.state_lse->const_data_ptr<acc_t>(), *args.state_lse);
-    p.state_out = state_view(args.state_out->const_data_ptr<scalar_t>(), *args.state_out);
+    p.state_lse = state_view(args.state_lse->const_data_ptr<double>(), *args.state_lse);
+    p.state_out = state_view(args.state_out->const_data_ptr<state_t>(), *args.state_out);
   }
-  p.grad_state_lse = args.grad_state_lse.mutable_data_ptr<acc_t>();
-  p.grad_state_out = args.grad_state_out.mutable_data_ptr<scalar_t>();
+  p.grad_state_lse = args.grad_state_lse.mutable_data_ptr<double>();
+  p.grad_state_out = args.grad_state_out.mutable_data_ptr<state_t>();
   p.vec_out = args.grad_values.mutable_data_ptr<scalar_t>();
   p.scalar_out = args.grad_scores.mutable_data_ptr<scalar_t>();
   const std::array<int64_t, 3> contiguous_strides = {N * H * D, H * D, D};
@@ -983,8 +1022,7 @@ void backward_typed(const BackwardArgs& args) {
       D, {{p.values.data, sizeof(scalar_t), {p.values.stride_b, p.values.stride_n, p.values.stride_h}},
           {p.grad.data, sizeof(scalar_t), {p.grad.stride_b, p.grad.stride_n, p.grad.stride_h}},
           {p.out, sizeof(scalar_t), contiguous_strides},
-          {p.vec_out, sizeof(scalar_t), contiguous_strides},
-          {p.grad_state_out, sizeof(scalar_t), {H * D, D, 0}}});
+          {p.vec_out, sizeof(scalar_t), contiguous_strides}});
   backward_level(p, /*level0=*/true, vec, values);
 }
 
