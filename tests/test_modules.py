@@ -1035,7 +1035,8 @@ def test_autocast(device):
                 out, state = attn.step(x[:, t], state)
                 outs.append(out)
         assert y.dtype == dtype
-        assert state[0].dtype == torch.float32 and state[1].dtype == dtype
+        # (lse, out); their dtypes are the operators' business (test_scan.py)
+        assert state[0].shape == (2, 2) and state[1].shape == (2, 2, 8)
         close(y, ref, atol=0.05, rtol=0.05)
         close(torch.stack(outs, 1), y, atol=0.02, rtol=0.02)
         y.float().sum().backward()
