@@ -265,7 +265,7 @@ MASKED_VALUES = {  # how code writes "masked" in a float attention mask
 @pytest.mark.parametrize("masked", list(MASKED_VALUES))
 def test_float_causal_masks_with_finite_masked_values_are_accepted(device, mask_dtype, masked):
     """A float mask that is 0 on and below the diagonal and -inf or <= -1e4 above it is the
-    causal mask (what nn.MultiheadAttention computes with it too): 2-D and [B * H, N, N]."""
+    causal mask, in any float dtype: 2-D and [B * H, N, N]."""
     attn = Aaren(8, 2, batch_first=True, device=device, dtype=F64)
     x = randn(3, 5, 8, device=device)
     y, _ = attn(x, x, x)
