@@ -29,11 +29,27 @@ __all__ = ["Aaren", "AarenEncoderLayer", "AarenEncoder", "convert"]
 _log = logging.getLogger("aaren")
 
 
+def _masked_at_or_below() -> float:
+    """A float attn_mask entry at or below this value (or -inf) masks its token.
+
+    -1e4 is what old BERT-style code writes (``(1 - mask) * -10000.0``), and every usual
+    way of writing "masked" reaches it: -1e9, ``torch.finfo(dtype).min`` (float16's is
+    -65504), -inf. It lies far below any additive bias (relative-position biases are of
+    order 10; ALiBi-style distance biases are also non-zero below the diagonal, which this
+    check rejects anyway), and ``exp(-1e4)`` underflows to 0 in every floating dtype, so
+    attention itself gives such a token exactly zero weight (in float64, unless its score
+    exceeded the visible ones' by over 9000). The comparison is made in the mask's dtype,
+    so -1e4 written in bfloat16 (rounded to -9984) counts.
+    (A function rather than a global: TorchScript inlines it.)"""
+    return -1e4
+
+
 def _not_causal_message() -> str:
     return ("Aaren is causal by construction (token k sees tokens 1..k): attn_mask must be "
-            "None or the causal mask (bool: True above the diagonal; float: -inf above the "
-            "diagonal and 0 elsewhere). Any other attention pattern cannot be expressed; use "
-            "key_padding_mask to mask tokens.")
+            "None or the causal mask (bool: True above the diagonal and False elsewhere; "
+            "float: 0 on and below the diagonal and, above it, -inf or any value <= -1e4 "
+            "such as -1e9 or torch.finfo(dtype).min). Any other attention pattern, or an "
+            "additive bias, cannot be expressed; use key_padding_mask to mask tokens.")
 
 
 def _key_padding_to_scores(scores: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
@@ -65,8 +81,9 @@ def _check_causal_mask(attn_mask: Tensor, n: int) -> None:
     if attn_mask.dtype == torch.bool:
         ok = (attn_mask == later).all()
     elif torch.is_floating_point(attn_mask):
-        causal = torch.zeros(n, n, dtype=attn_mask.dtype, device=attn_mask.device)
-        ok = (attn_mask == causal.masked_fill(later, float("-inf"))).all()
+        # 0 on and below the diagonal; masked (-inf or <= the threshold) above it.
+        # NaN fails both comparisons. One elementwise pass, as for the bool mask.
+        ok = torch.where(later, attn_mask <= _masked_at_or_below(), attn_mask == 0).all()
     else:
         raise TypeError(f"Aaren: attn_mask must be bool or floating point, got {attn_mask.dtype}")
     if torch.jit.is_scripting():
@@ -179,9 +196,15 @@ class Aaren(nn.Module):
 
     @classmethod
     def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> "Aaren":
-        """An Aaren with the size, ``batch_first``, dropout, dtype and device of ``mha``,
-        reusing (copying) its key, value and output projections; the query projection is
-        dropped and the learned query freshly initialized."""
+        """An Aaren with the size, ``batch_first``, dropout, dtype, device and training mode
+        of ``mha``, reusing (copying) its key, value and output projections; the query
+        projection is dropped and the learned query freshly initialized.
+
+        ``requires_grad``: each copied parameter keeps its source's flag (``k_proj`` and
+        ``v_proj`` weights from ``in_proj_weight``, their biases from ``in_proj_bias``,
+        ``out_proj`` weight and bias from ``mha.out_proj``), so a partly frozen module
+        (e.g. only ``out_proj`` trained) stays partly frozen. The new ``query`` is trainable
+        unless no parameter of ``mha`` requires grad (the whole module was frozen)."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
         if not mha._qkv_same_embed_dim:
@@ -197,17 +220,31 @@ class Aaren(nn.Module):
         module = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=has_bias,
                      batch_first=mha.batch_first, device=weight.device, dtype=weight.dtype)
         e = mha.embed_dim
+        # (target, source): kdim == vdim == embed_dim (checked above), so the key and value
+        # weights are slices of the fused in_proj_weight, never k_proj_weight/v_proj_weight.
+        copies: List[Tuple[Tensor, Tensor]] = [
+            (module.k_proj.weight, weight[e:2 * e]),
+            (module.v_proj.weight, weight[2 * e:]),
+            (module.out_proj.weight, mha.out_proj.weight),
+        ]
+        if has_bias:
+            copies.append((module.k_proj.bias, mha.in_proj_bias[e:2 * e]))
+            copies.append((module.v_proj.bias, mha.in_proj_bias[2 * e:]))
+        if mha.out_proj.bias is not None and module.out_proj.bias is not None:
+            copies.append((module.out_proj.bias, mha.out_proj.bias))
+        copied = set()
         with torch.no_grad():
-            module.k_proj.weight.copy_(weight[e:2 * e])
-            module.v_proj.weight.copy_(weight[2 * e:])
-            module.out_proj.weight.copy_(mha.out_proj.weight)
-            if has_bias:
-                module.k_proj.bias.copy_(mha.in_proj_bias[e:2 * e])
-                module.v_proj.bias.copy_(mha.in_proj_bias[2 * e:])
-            if mha.out_proj.bias is not None and module.out_proj.bias is not None:
-                module.out_proj.bias.copy_(mha.out_proj.bias)
+            for target, source in copies:
+                target.copy_(source)
+        for target, source in copies:  # a slice of a parameter has the parameter's flag
+            target.requires_grad_(source.requires_grad)
+            copied.add(id(target))
+        # New parameters (the query; an out_proj bias the source lacks): trainable unless
+        # the whole source module was frozen.
+        trainable = any(p.requires_grad for p in mha.parameters())
         for p in module.parameters():
-            p.requires_grad_(weight.requires_grad)
+            if id(p) not in copied:
+                p.requires_grad_(trainable)
         module.train(mha.training)
         return module
 
@@ -408,7 +445,9 @@ class AarenEncoderLayer(nn.Module):
     def from_transformer_encoder_layer(cls, layer: nn.TransformerEncoderLayer
                                        ) -> "AarenEncoderLayer":
         """A copy of an ``nn.TransformerEncoderLayer`` (its self-attention converted by
-        ``aaren.convert`` or not yet: then as ``convert`` would) as an AarenEncoderLayer."""
+        ``aaren.convert`` or not yet: then as ``convert`` would) as an AarenEncoderLayer.
+        Training mode and every copied parameter's ``requires_grad`` are kept (for an
+        ``nn.MultiheadAttention``, as in ``Aaren.from_multihead_attention``)."""
         if not isinstance(layer, nn.TransformerEncoderLayer):
             raise TypeError(f"expected nn.TransformerEncoderLayer, got {type(layer).__name__}")
         attn = layer.self_attn
@@ -432,6 +471,11 @@ class AarenEncoderLayer(nn.Module):
         if unexpected or any(not key.startswith("self_attn.") for key in missing):
             raise ValueError(f"cannot copy {type(layer).__name__}: missing {missing}, "
                              f"unexpected {unexpected}")
+        # load_state_dict copies values only: carry over which parameters train.
+        targets = dict(new.named_parameters())
+        for name, p in layer.named_parameters():
+            if not name.startswith("self_attn."):
+                targets[name].requires_grad_(p.requires_grad)
         new.train(layer.training)
         return new
 
@@ -578,7 +622,9 @@ def convert(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Modul
 
     Each ``Aaren`` has the embed_dim, num_heads, dropout, batch_first, dtype, device and
     training mode of the module it replaces and copies its key, value and output projections
-    (``in_proj_weight[E:2E]``, ``[2E:3E]``, ``out_proj``); the query projection is dropped and
+    (``in_proj_weight[E:2E]``, ``[2E:3E]``, ``out_proj``), each with its source's
+    ``requires_grad`` (the new query trains unless the whole module was frozen; see
+    ``Aaren.from_multihead_attention``); the query projection is dropped and
     the learned queries are freshly initialized, so a converted model needs training (it is
     also causal now, which changes what a bidirectional encoder computes). Modules shared
     between several places stay shared. ``nn.TransformerEncoder``s whose layers now hold an
