@@ -476,6 +476,44 @@ def test_chunked_continuation_gradients(device):
     torch.testing.assert_close(split[1].grad, whole[1].grad)
 
 
+def streamed_outputs(scores, values, lse0, out0):
+    """aaren.step over every token in turn: (out [B, N, H, D], the final lse [B, H])."""
+    state, outputs = (lse0, out0), []
+    for n in range(scores.size(1)):
+        y, state = aaren.step(scores[:, n], values[:, n], state)
+        outputs.append(y)
+    return torch.stack(outputs, 1), state[0]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_step_stream_gradients(device, dtype):
+    """The backward through a chain of steps (each a one-token scan backward, the state's
+    gradient carried from step to step) on every kind of score: jumps of 100 between the
+    state and the next token, masked tokens and a masked prefix, against the reference over
+    the whole sequence."""
+    scores, values, state = mixed_problem(2, 12, 4, dtype, device, with_state=True)
+    inputs = (scores, values, *state)
+    grad_out, _ = seeds(values, "out only", dtype)
+    grad_lse = torch.randn(2, len(KINDS), dtype=torch.float64).to(dtype).double().to(device)
+
+    def reference(fn_dtype):
+        def outputs(scores, values, lse0, out0):
+            out, lse = naive_scan(scores, values, (lse0, out0), dtype=fn_dtype)
+            return out, lse[:, -1]
+        return outputs
+
+    ours = gradients(streamed_outputs, inputs, grad_out, grad_lse)
+    exact = gradients(reference(torch.float64), inputs, grad_out, grad_lse, lambda t: t.double())
+    if dtype == torch.float64:
+        for name, got, want in zip(NAMES, ours, exact):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * want.abs().max().item(),
+                                       msg=f"d/d {name}")
+        return
+    plain = gradients(reference(dtype), inputs, grad_out, grad_lse, lambda t: t.to(dtype))
+    for name, got, want, baseline in zip(NAMES, ours, exact, plain):
+        assert_close_to_reference(got, want, baseline, what=f"d/d {name}")
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_step_by_step_equals_scan(device, dtype):
     scores, values, _ = random_problem(3, 20, 2, 8, dtype=dtype, device=device)
