@@ -20,6 +20,10 @@ LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 ALL_DTYPES = [torch.float64] + LOW_PRECISION
 
 
+def dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
+
 def state_dtypes(dtype):
     """The dtypes of (lse, out) in the state aaren makes for `dtype` values."""
     lse, out = aaren.empty_state(1, 1, 1, dtype)
@@ -51,7 +55,7 @@ def test_forward_matches_reference_float64(device, shape, with_state):
     torch.testing.assert_close(last, ref_out[:, -1])
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_id)
 def test_forward_low_precision_within_plain_pytorch_error(device, dtype):
     scores, values, state = random_problem(2, 300, 4, 64, dtype=dtype, device=device, scale=3.0,
                                            with_state=True)
@@ -64,7 +68,7 @@ def test_forward_low_precision_within_plain_pytorch_error(device, dtype):
     assert_close_to_reference(last, ref[:, -1], plain[:, -1], what="state out")
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_state_dtypes(device, dtype):
     scores, values, _ = random_problem(2, 4, 3, 8, dtype=dtype, device=device)
     _, (lse, out) = aaren.scan(scores, values)
@@ -232,7 +236,7 @@ def check_gradients(scores, values, state, grad_out, grad_lse):
 
 @pytest.mark.parametrize("mode", list(GRAD_MODES))
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_id)
 def test_backward_every_branch_within_plain_pytorch_error(device, dtype, with_state, mode):
     """Scores from -100 to +100, falls of the lse by more than 32 (the backward's rescale),
     masked tokens and prefixes, a state, and each output's gradient alone."""
@@ -243,7 +247,7 @@ def test_backward_every_branch_within_plain_pytorch_error(device, dtype, with_st
 
 
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_id)
 def test_forward_every_branch_within_plain_pytorch_error(device, dtype, with_state):
     scores, values, state = mixed_problem(2, 48, 16, dtype, device, with_state)
     out, lse = op_outputs(scores, values, *(state or ()))
@@ -307,7 +311,7 @@ def test_gradient_with_expanded_grad_out(device):
 
 # ---------------------------------------------------------------- edge cases
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_scores_spanning_1e4(device, dtype):
     """Scores of +-1e4 (+ N(0, 1)): in float16 (spacing 8 at 1e4) they round to exactly +-1e4,
     still a valid problem; its inputs, as rounded, are what the reference computes with."""
@@ -331,6 +335,7 @@ def test_scores_spanning_1e4(device, dtype):
 OFFSETS = [0.0, 1e2, -1e2, 1e4, -1e4, 1e6, -1e6]
 OFFSET_CASES = [(dtype, offset) for dtype in ALL_DTYPES for offset in OFFSETS
                 if abs(offset) < torch.finfo(dtype).max / 2]
+OFFSET_IDS = [f"{dtype_id(dtype)}-{offset:+g}" for dtype, offset in OFFSET_CASES]
 
 
 def offset_problem(B, N, H, D, dtype, device, offset):
@@ -339,7 +344,7 @@ def offset_problem(B, N, H, D, dtype, device, offset):
     return scores, values
 
 
-@pytest.mark.parametrize("dtype,offset", OFFSET_CASES)
+@pytest.mark.parametrize("dtype,offset", OFFSET_CASES, ids=OFFSET_IDS)
 def test_backward_large_offset(device, dtype, offset):
     """Forward and backward at scores around +-1e2, +-1e4, +-1e6, as accurate as plain
     PyTorch's: the saved lse must not lose the scores' small differences (a float32 lse
@@ -368,7 +373,7 @@ def test_backward_large_offset(device, dtype, offset):
     check_gradients(scores, values, None, grad_out, grad_lse)
 
 
-@pytest.mark.parametrize("dtype,offset", OFFSET_CASES)
+@pytest.mark.parametrize("dtype,offset", OFFSET_CASES, ids=OFFSET_IDS)
 def test_chunks_and_steps_large_offset(device, dtype, offset):
     """A sequence at a large offset continued in chunks, and token by token, gives what one
     scan of the whole sequence gives: the state carried between calls must keep the lse to
@@ -396,7 +401,7 @@ def test_chunks_and_steps_large_offset(device, dtype, offset):
             assert_close_to_reference(got_lse, ref_lse[:, -1], plain_lse[:, -1], what=f"{name}: lse")
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_masked_prefix_has_no_nan(device, dtype):
     scores, values, _ = random_problem(2, 8, 3, 4, dtype=dtype, device=device)
     scores[:, :3] = float("-inf")  # the first three tokens are masked everywhere
@@ -449,7 +454,7 @@ def test_zero_batch_and_heads(device):
 
 # ---------------------------------------------------------------- state, chunks and steps
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_chunked_continuation_equals_whole(device, dtype):
     scores, values, _ = random_problem(2, 40, 3, 16, dtype=dtype, device=device)
     whole, (lse, last) = aaren.scan(scores, values)
@@ -485,7 +490,7 @@ def streamed_outputs(scores, values, lse0, out0):
     return torch.stack(outputs, 1), state[0]
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_step_stream_gradients(device, dtype):
     """The backward through a chain of steps (each a one-token scan backward, the state's
     gradient carried from step to step) on every kind of score: jumps of 100 between the
@@ -514,7 +519,7 @@ def test_step_stream_gradients(device, dtype):
         assert_close_to_reference(got, want, baseline, what=f"d/d {name}")
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_step_by_step_equals_scan(device, dtype):
     scores, values, _ = random_problem(3, 20, 2, 8, dtype=dtype, device=device)
     scores[:, :2, 0] = float("-inf")
@@ -698,7 +703,7 @@ PARALLEL_SHAPES = [(32, 32, 6, 8), (2, 96, 12, 32)]
 
 
 @pytest.mark.parametrize("shape", PARALLEL_SHAPES)
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_forward_and_backward_on_two_threads(dtype, shape):
     """Enough work for the CPU kernels to run on 2 threads, with every kind of score: the
     same results as on one thread (bit for bit), and within the rule against the reference."""
