@@ -129,10 +129,22 @@ def test_torchscript_function_saved_and_loaded(device, tmp_path):
         torch.testing.assert_close(out, expected[:, :-1])
         torch.testing.assert_close(last, expected[:, -1])
         torch.testing.assert_close(lse, torch.logsumexp(scores, dim=1))
-        # Autograd through the loaded model (the C++ autograd kernel).
-        scores.requires_grad_()
-        loaded(scores, values)[1].sum().backward()
-        assert scores.grad is not None and torch.isfinite(scores.grad).all()
+
+        # Autograd through the loaded model (the C++ autograd kernels, scan and step): the
+        # gradients of every output against autograd through the reference, and gradcheck.
+        def through_reference(scores, values):
+            ref_out, ref_lse = reference_scan(scores, values)
+            return ref_out[:, :-1], ref_out[:, -1], ref_lse[:, -1]
+
+        seeds = [torch.randn_like(t) for t in (out, last, lse)]
+        grads = []
+        for fn in (loaded, through_reference):
+            leaves = [scores.detach().clone().requires_grad_(), values.detach().clone().requires_grad_()]
+            grads.append(torch.autograd.grad(fn(*leaves), leaves, seeds))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        leaves = (scores.detach().clone().requires_grad_(), values.detach().clone().requires_grad_())
+        assert torch.autograd.gradcheck(loaded, leaves)
 
 
 def test_build_report():
@@ -150,15 +162,29 @@ def test_build_report():
 
 
 def test_parallel_kernels_use_every_thread_setting():
-    """The same result with one thread as with several (the work split must not matter)."""
-    scores, values, _, _ = sample_inputs("cpu", dtype=torch.float64, N=50, with_state=False)
+    """The same result with one thread as with two, forward and backward (the work split must
+    not matter), on a problem large enough that two threads really run: split_tasks
+    (csrc/ops/cpu/scan_kernel.cpp) makes B = 16 tasks of N * H * D = 32 * 8 * 16 = 4096
+    elements here, so the grain is 2^15 / 4096 = 8 tasks and at::parallel_for, which runs
+    inline unless tasks > grain, gives 8 tasks to each of 2 threads."""
+    B, N, H, D = 16, 32, 8, 16
+    assert B > (1 << 15) // (N * H * D)
+    scores = 5 * torch.randn(B, N, H, dtype=torch.float64)
+    values = torch.randn(B, N, H, D, dtype=torch.float64)
+    grad_out = torch.randn(B, N, H, D, dtype=torch.float64)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        single = aaren.scan(scores, values)[0]
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            s, v = scores.clone().requires_grad_(), values.clone().requires_grad_()
+            out = aaren.scan(s, v)[0]
+            out.backward(grad_out)
+            results.append((out.detach(), s.grad, v.grad))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(single, aaren.scan(scores, values)[0])
+    for single, double in zip(*results):
+        assert torch.equal(single, double)
 
 
 def test_torch_version_guard():
