@@ -80,11 +80,14 @@ AAREN_HOST_DEVICE MaxSum<T> max_sum_of(double lse) {
   return {max, std::exp(static_cast<T>(lse - static_cast<double>(max)))};
 }
 
-// The state's out as the backward reads it for dL_0 = f (o_0 . R_1 - rho_1): rounded to the
-// values' dtype T, as the outputs o_j inside rho are. The difference o_0 - o_j is what
-// matters (dL_0 = sum_j e^(L_0 - L_j) g_j . (o_0 - o_j) - ...), and with both rounded alike
-// it is exact where it should be 0 (every token masked: o_j = o_0), instead of the
-// rounding of a half-precision output times |g|.
+// With a state (L_0, o_0), the initial state's gradient dL_0 = f (o_0 . R_1 - rho_1) is
+// formed as -f rho'_1, rho' being rho with the outputs shifted by o_0 (g_j . (o_j - o_0)):
+// a sum of per-token terms that are small where the state dominates, instead of the
+// difference of two large sums (which lost ~sqrt(N) more than plain PyTorch). The CUDA
+// backward shifts values and outputs alike (an average of values shifted by o_0 is the
+// average shifted by o_0, so R is unchanged and ds_i = e^(s_i - L_i) ((v_i - o_0) . R_i -
+// rho'_i)), so that one rho serves both. o_0 is rounded to the values' dtype T as the
+// outputs o_j are, so o_j - o_0 is exactly 0 where every token is masked.
 template <typename T, typename acc_t>
 AAREN_HOST_DEVICE acc_t rounded_state_out(double out) {
   return static_cast<acc_t>(static_cast<T>(out));

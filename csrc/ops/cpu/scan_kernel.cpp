@@ -200,6 +200,9 @@ void forward_typed(const ForwardArgs& args) {
 // do_0 = f R_1 with f = e^(L_0 - L_1). Unrolled, R_i = sum_{j>=i} e^(L_i - L_j) g_j: the
 // kernel keeps S = sum e^(r - L_j) g_j and P = sum e^(r - L_j) (g_j . o_j - G_j) against a
 // reference r (combine.h), so dv_i = e^(s_i - r) S and ds_i = e^(s_i - r) (v_i . S - P).
+// With a state, dL_0 = -f P' where P' is P with the outputs shifted by o_0 (combine.h,
+// rounded_state_out): a sum of small per-token terms where f (o_0 . S - P) would cancel
+// two large ones. P itself stays unshifted for ds.
 template <typename scalar_t>
 void backward_typed(const BackwardArgs& args) {
   using IO = VecIO<scalar_t>;
@@ -243,7 +246,6 @@ void backward_typed(const BackwardArgs& args) {
   scalar_t* grad_values = args.grad_values.mutable_data_ptr<scalar_t>();
   double* grad_state_lse = args.grad_state_lse.mutable_data_ptr<double>();
   state_t* grad_state_out = args.grad_state_out.mutable_data_ptr<state_t>();
-  const std::vector<state_t> zero_state_row(head_dim, state_t(0));
 
   const auto sum_lanes = [](const AccVec& x) {
     return at::vec::vec_reduce_all<acc_t>([](const AccVec& p, const AccVec& q) { return p + q; }, x);
@@ -253,15 +255,26 @@ void backward_typed(const BackwardArgs& args) {
   at::parallel_for(0, batch * split.tasks_per_batch, split.grain, [&](int64_t begin, int64_t end) {
     std::vector<double> reference(split.heads_per_task);  // r, per head (a log-sum: float64)
     std::vector<acc_t> sum_rho(split.heads_per_task);    // P, per head
+    std::vector<acc_t> sum_rho_shifted(split.heads_per_task);  // P', per head
     std::vector<acc_t> sum_g(split.heads_per_task * row_width);  // S, per head
+    std::vector<acc_t> shift(split.heads_per_task * row_width);  // o_0 (rounded), per head
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / split.tasks_per_batch;
       const int64_t h_begin = (task % split.tasks_per_batch) * split.heads_per_task;
       const int64_t task_heads = std::min(split.heads_per_task, heads - h_begin);
       std::fill(sum_g.begin(), sum_g.end(), acc_t(0));
       std::fill(sum_rho.begin(), sum_rho.end(), acc_t(0));
+      std::fill(sum_rho_shifted.begin(), sum_rho_shifted.end(), acc_t(0));
+      std::fill(shift.begin(), shift.end(), acc_t(0));
       for (int64_t j = 0; j < task_heads; ++j) {
-        reference[j] = length > 0 ? lse[((b * length + length - 1) * heads) + h_begin + j] : 0.0;
+        const int64_t h = h_begin + j;
+        reference[j] = length > 0 ? lse[((b * length + length - 1) * heads) + h] : 0.0;
+        if (has_state) {
+          const state_t* o0_row = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
+          for (int64_t d = 0; d < head_dim; ++d) {
+            shift[j * row_width + d] = rounded_state_out<scalar_t, acc_t>(o0_row[d]);
+          }
+        }
       }
 
       for (int64_t n = length - 1; n >= 0; --n) {
@@ -282,6 +295,7 @@ void backward_typed(const BackwardArgs& args) {
           if (factor != acc_t(1)) {
             std::for_each(s_row, s_row + row_width, [factor](acc_t& x) { x *= factor; });
             sum_rho[j] *= factor;
+            sum_rho_shifted[j] *= factor;
           }
           const acc_t w = exp_of_difference_wide<acc_t>(reference[j], lse_n);  // <= e^gap
           // s - r in float64: r may be far from 0 while s - r is not.
@@ -290,10 +304,12 @@ void backward_typed(const BackwardArgs& args) {
           const AccVec weight(w);
           const AccVec e_vec(e);
           AccVec g_dot_o(0);
+          AccVec g_dot_shifted_o(0);  // g . (o - o_0), with a state
           AccVec v_dot_s(0);
           const scalar_t* g_row = grad_out + b * g_stride_b + n * g_stride_n + h * g_stride_h;
           const scalar_t* o_row = out + (token * heads + h) * head_dim;
           const scalar_t* v_row = values + b * v_strides[0] + n * v_strides[1] + h * v_strides[2];
+          const acc_t* shift_row = shift.data() + j * row_width;
           for (int64_t d = 0; d < head_dim; d += IO::width) {
             const int64_t count = std::min(IO::width, head_dim - d);
             AccVec g[IO::parts], o[IO::parts], v[IO::parts], dv[IO::parts];
@@ -301,6 +317,10 @@ void backward_typed(const BackwardArgs& args) {
             IO::load(o_row + d, count, o);
             IO::load(v_row + d, count, v);
             for (int p = 0; p < IO::parts; ++p) {
+              if (has_state) {
+                const AccVec o0 = AccVec::loadu(shift_row + d + p * acc_width);
+                g_dot_shifted_o = at::vec::fmadd(g[p], o[p] - o0, g_dot_shifted_o);
+              }
               acc_t* s_ptr = s_row + d + p * acc_width;
               const AccVec updated = at::vec::fmadd(weight, g[p], AccVec::loadu(s_ptr));
               updated.store(s_ptr);
@@ -310,31 +330,29 @@ void backward_typed(const BackwardArgs& args) {
             }
             IO::store(dv_row + d, count, dv);
           }
-          sum_rho[j] += w * (sum_lanes(g_dot_o) -
-                             static_cast<acc_t>(grad_lse[b * G_stride_b + n * G_stride_n + h * G_stride_h]));
+          const acc_t G = static_cast<acc_t>(grad_lse[b * G_stride_b + n * G_stride_n + h * G_stride_h]);
+          sum_rho[j] += w * (sum_lanes(g_dot_o) - G);
+          if (has_state) {
+            sum_rho_shifted[j] += w * (sum_lanes(g_dot_shifted_o) - G);
+          }
           grad_scores[token * heads + h] = static_cast<scalar_t>(e * (sum_lanes(v_dot_s) - sum_rho[j]));
         }
       }
 
-      // The initial state as a token before the first: f R_1 = e^(L_0 - r) S.
+      // The initial state as a token before the first: f R_1 = e^(L_0 - r) S, and with
+      // outputs shifted by o_0, dL_0 = f ((o_0 - o_0) . R_1 - rho'_1) = -f P'.
       for (int64_t j = 0; j < task_heads; ++j) {
         const int64_t h = h_begin + j;
         const double lse_0 = has_state
             ? state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)]
             : negative_infinity<double>();
         const acc_t f = length == 0 ? acc_t(0) : exp_of_difference_wide<acc_t>(lse_0, reference[j]);
-        const state_t* o0_row = has_state
-            ? state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1)
-            : zero_state_row.data();
         const acc_t* s_row = sum_g.data() + j * row_width;
         state_t* do0_row = grad_state_out + (b * heads + h) * head_dim;
-        acc_t o0_dot_s = 0;
         for (int64_t d = 0; d < head_dim; ++d) {
-          // o0 rounded as the tokens' outputs in rho are (see rounded_state_out).
-          o0_dot_s += rounded_state_out<scalar_t, acc_t>(o0_row[d]) * s_row[d];
           do0_row[d] = static_cast<state_t>(f * s_row[d]);
         }
-        grad_state_lse[b * heads + h] = static_cast<double>(f * (o0_dot_s - sum_rho[j]));
+        grad_state_lse[b * heads + h] = static_cast<double>(-f * sum_rho_shifted[j]);
       }
     }
   });

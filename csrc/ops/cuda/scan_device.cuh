@@ -160,14 +160,4 @@ __device__ __forceinline__ acc_t group_token_sums(acc_t (&x)[TOKENS], int lane) 
   return sum;
 }
 
-// Sum over the warp, on every lane.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t x) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset >= 1; offset /= 2) {
-    x += __shfl_xor_sync(kFullMask, x, offset);
-  }
-  return x;
-}
-
 }  // namespace aaren::ops::cuda

@@ -380,6 +380,31 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
     active[s] = d[s] < shape.dim;
   }
 
+  // Level 0 with a state: values and outputs are read shifted by o_0 (rounded_state_out in
+  // aaren/combine.h), so that dL_0 = -f rho'_1 needs no cancelling dot product.
+  acc_t shift[SLOTS][VEC];
+#pragma unroll
+  for (int s = 0; s < SLOTS; ++s) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      shift[s][k] = acc_t(0);
+    }
+  }
+  if constexpr (kLevel0) {
+    if (p.state_lse.data != nullptr) {
+      const state_t* state_row = p.state_out.row(b, h);  // any alignment: per element
+#pragma unroll
+      for (int s = 0; s < SLOTS; ++s) {
+        if (active[s]) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            shift[s][k] = rounded_state_out<T, acc_t>(state_row[d[s] + k]);
+          }
+        }
+      }
+    }
+  }
+
   // R and rho after the chunk's last token (rho is tracked by warp 0 only).
   acc_t R[SLOTS][VEC];
   acc_t rho = 0;
@@ -421,9 +446,8 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
   }
   const int64_t out_stride_n = shape.heads * shape.dim;
 
-  // Per-warp token sums, [2 buffers][2 sums][warps][32], then one slot per warp for the
-  // state gradient's dot product. Double buffering lets the next tile write while warp 0
-  // still reads: one barrier per tile.
+  // Per-warp token sums, [2 buffers][2 sums][warps][32]. Double buffering lets the next
+  // tile write while warp 0 still reads: one barrier per tile.
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* const partials = reinterpret_cast<acc_t*>(shared_bytes);
   int buffer = 0;
@@ -524,11 +548,11 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
               R[s][k] = fma(a, R[s][k], gk);
               if constexpr (kNeedGO) {
                 if (grad_row != nullptr) {
-                  go_share = fma(gk, static_cast<acc_t>(o[u][s].elem[k]), go_share);
+                  go_share = fma(gk, static_cast<acc_t>(o[u][s].elem[k]) - shift[s][k], go_share);
                 }
               }
               if constexpr (kNeedVR) {
-                vr_share = fma(static_cast<acc_t>(v[u][s].elem[k]), R[s][k], vr_share);
+                vr_share = fma(static_cast<acc_t>(v[u][s].elem[k]) - shift[s][k], R[s][k], vr_share);
                 dv[k] = e * R[s][k];
               }
             }
@@ -616,46 +640,24 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
       return;  // block-uniform
     }
     // The initial state as a token before the first: f = e^(L_0 - L_1) (0 for the empty
-    // state), dL_0 = f (o_0 . R_1 - rho_1), do_0 = f R_1, with R and rho now at token 0.
+    // state), do_0 = f R_1 and, with outputs shifted by o_0, dL_0 = f ((o_0 - o_0) . R_1 -
+    // rho'_1) = -f rho'_1, with R and rho now at token 0.
     const bool has_state = p.state_lse.data != nullptr;
     const acc_t f = exp_of_difference_wide<acc_t>(
         has_state ? *p.state_lse.row(b, h) : negative_infinity<double>(), lse_row[0]);
-    const state_t* state_row = has_state ? p.state_out.row(b, h) : nullptr;
-    acc_t dot = 0;
 #pragma unroll
     for (int s = 0; s < SLOTS; ++s) {
       if (!active[s]) {
         continue;
       }
-      acc_t grad_o0[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t o0 = has_state ? rounded_state_out<T, acc_t>(state_row[d[s] + k]) : acc_t(0);
-        dot = fma(o0, R[s][k], dot);
-        grad_o0[k] = f * R[s][k];
-      }
       state_t* grad_row = p.grad_state_out + (b * shape.heads + h) * shape.dim + d[s];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        grad_row[k] = static_cast<state_t>(grad_o0[k]);
-      }
-    }
-    dot = warp_sum(dot);
-    if (warps > 1) {
-      acc_t* const sums = partials + 4 * warps * kWarpSize;
-      if (lane == 0) {
-        sums[warp] = dot;
-      }
-      __syncthreads();
-      if (warp == 0) {
-        dot = 0;
-        for (int w = 0; w < warps; ++w) {
-          dot += sums[w];
-        }
+        grad_row[k] = static_cast<state_t>(f * R[s][k]);
       }
     }
     if (warp == 0 && lane == 0) {
-      p.grad_state_lse[b * shape.heads + h] = f * (dot - rho);
+      p.grad_state_lse[b * shape.heads + h] = -f * rho;
     }
   }
 }
@@ -883,10 +885,10 @@ struct BackwardGeometry {
   int threads() const {
     return warps * kWarpSize;
   }
-  // Token sums exchanged between warps: 2 buffers x 2 sums x warps x 32, then one per warp.
+  // Token sums exchanged between warps: 2 buffers x 2 sums x warps x 32.
   template <typename acc_t>
   size_t shared_bytes() const {
-    return warps > 1 ? (4 * kWarpSize + 1) * warps * sizeof(acc_t) : 0;
+    return warps > 1 ? 4 * kWarpSize * warps * sizeof(acc_t) : 0;
   }
 };
 
