@@ -13,7 +13,7 @@ output the mean of the vectors seen so far). It is exported in eval mode as:
    replaces TorchScript. It holds two models:
        "forward": x [B, N, F] -> y [B, N, C]          (B and N dynamic)
        "step":    x_t [B, F], lse_0, out_0, ..., lse_{L-1}, out_{L-1}
-                  -> y_t [B, C], lse_0', out_0', ...  (B dynamic; lse float32)
+                  -> y_t [B, C], lse_0', out_0', ...  (B dynamic; lse and out float64)
    and metadata (`aaren.*` keys: sizes, layers, heads, device) that the C++ program reads.
 3. `reference.pt`: example inputs and the Python outputs on them (a dict saved with
    torch.save: "x" [B, N, F], "forward" [B, N, C] and "step" [B, N, C], the outputs of

@@ -191,7 +191,8 @@ class AotiModel : public Model {
 
   void reset(int64_t batch) override {
     states_.clear();
-    const auto options = torch::TensorOptions().dtype(torch::kFloat32).device(device_);
+    // The state is float64 (lse and out) whatever the model's dtype (aaren's docs/design.md).
+    const auto options = torch::TensorOptions().dtype(torch::kFloat64).device(device_);
     for (int64_t layer = 0; layer < info_.num_layers; ++layer) {
       states_.push_back(torch::full({batch, info_.num_heads}, -INFINITY, options));  // lse
       states_.push_back(torch::zeros({batch, info_.num_heads, info_.head_dim}, options));  // out
