@@ -53,16 +53,17 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
     scores = torch.randn(B, N, H, dtype=dtype)
     values = torch.randn(B, N, H, D, dtype=dtype)
     out = torch.empty_like(values)
-    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    lse = torch.empty(B, N, H, dtype=lse_dtype)
+    lse = torch.empty(B, N, H, dtype=torch.float64)  # per-token lse and the state: float64
+    final_out = torch.empty(B, H, D, dtype=torch.float64)
     grad_out = torch.randn_like(values)
     grads = [torch.empty_like(scores), torch.empty_like(values),
-             torch.empty(B, H, dtype=lse_dtype), torch.empty(B, H, D, dtype=dtype)]
+             torch.empty(B, H, dtype=torch.float64), torch.empty(B, H, D, dtype=torch.float64)]
     copy_target = torch.empty_like(values)
 
     t_copy = median_seconds(lambda: copy_target.copy_(values), repeats)
     t_forward = median_seconds(
-        lambda: torch.ops.aaren.scan_forward_into(scores, values, None, None, out, lse), repeats)
+        lambda: torch.ops.aaren.scan_forward_into(scores, values, None, None, out, lse, final_out),
+        repeats)
     t_backward = median_seconds(
         lambda: torch.ops.aaren.scan_backward_into(grad_out, None, scores, values, out, lse,
                                                    None, None, *grads), repeats)
