@@ -163,16 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
                                   state_out_options)};
   if (kernel != nullptr) {
     check_no_overlap({out, lse, final_out}, {scores, values, state_lse, state_out});
-    if (values.size(1) == 1 && values.scalar_type() != at::kDouble && state.lse.has_value()) {
-      // One token after a state (a step, or a chunk of one): computed in float64 against
-      // the float64 state, so that a stream of steps does not drift (float32 arithmetic at
-      // every step is a random walk: 15x one scan's error over 4096 float32 steps).
-      ForwardArgs wide{scores.to(at::kDouble), values.to(at::kDouble), state.lse, state.out,
-                       at::empty(values.sizes(), values.options().dtype(at::kDouble)), args.lse,
-                       args.final_out};
-      kernel(wide);
-      args.out.copy_(wide.out);
-    } else if (values.size(1) > 0) {
+    if (values.size(1) > 0) {
       kernel(args);
     } else if (state.out.has_value()) {  // no tokens: the state stays as it was
       args.final_out.copy_(*state.out);

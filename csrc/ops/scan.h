@@ -17,7 +17,8 @@ namespace aaren::ops {
 // (lse [B,H] and out [B,H,D], float64: see the state's dtypes below). The kernel writes
 // out [B,N,H,D] (values' dtype), the per-token lse [B,N,H] (float64) and final_out [B,H,D]
 // (float64: the state's out after the last token, not rounded to the values' dtype),
-// all contiguous. Kernels run only for N > 0.
+// all contiguous. Kernels run only for N > 0. A token after a state (N = 1 with a state: a
+// step) is computed in float64 whatever the values' dtype (docs/design.md, "The state").
 struct ForwardArgs {
   at::Tensor scores;
   at::Tensor values;

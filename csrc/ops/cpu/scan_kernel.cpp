@@ -91,6 +91,48 @@ int64_t padded(int64_t head_dim, int64_t width) {
   return (head_dim + width - 1) / width * width;
 }
 
+// One token after a state (a step, or a chunk of one token), in float64 against the float64
+// state, whatever the values' dtype: float32 arithmetic at every step of a stream is a random
+// walk (docs/design.md, "The state"). The state (L0, o0) enters as (m, u, w) = (L0, 1, o0).
+template <typename scalar_t>
+void step_in_float64(const ForwardArgs& args) {
+  const int64_t batch = args.values.size(0);
+  const int64_t heads = args.values.size(2);
+  const int64_t head_dim = args.values.size(3);
+  const scalar_t* scores = args.scores.const_data_ptr<scalar_t>();
+  const scalar_t* values = args.values.const_data_ptr<scalar_t>();
+  const double* state_lse = args.state_lse->const_data_ptr<double>();
+  const double* state_out = args.state_out->const_data_ptr<double>();
+  scalar_t* out = args.out.mutable_data_ptr<scalar_t>();
+  double* lse = args.lse.mutable_data_ptr<double>();
+  double* final_out = args.final_out.mutable_data_ptr<double>();
+  const auto s_strides = args.scores.strides();
+  const auto v_strides = args.values.strides();
+  at::parallel_for(0, batch * heads, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(head_dim, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / heads;
+      const int64_t h = item % heads;
+      double running_max = state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
+      const bool has_prefix = running_max != negative_infinity<double>();
+      const auto w = add_score(running_max, static_cast<double>(scores[b * s_strides[0] + h * s_strides[2]]));
+      const double denominator = w.weight_old * (has_prefix ? 1.0 : 0.0) + w.weight_new;
+      lse[b * heads + h] = lse_of_wide(running_max, denominator);
+      const double inverse = reciprocal_or_zero(denominator);
+      const double* o0 = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
+      const scalar_t* v = values + b * v_strides[0] + h * v_strides[2];
+      double* f_row = final_out + item * head_dim;
+      scalar_t* o_row = out + item * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const double numerator = (has_prefix ? w.weight_old * o0[d] : 0.0) +
+                                 w.weight_new * static_cast<double>(v[d]);
+        f_row[d] = numerator * inverse;
+        o_row[d] = static_cast<scalar_t>(f_row[d]);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_typed(const ForwardArgs& args) {
   using IO = VecIO<scalar_t>;
@@ -103,6 +145,11 @@ void forward_typed(const ForwardArgs& args) {
   const int64_t heads = args.values.size(2);
   const int64_t head_dim = args.values.size(3);
   const int64_t row_width = padded(head_dim, IO::width);
+
+  if (length == 1 && args.state_lse.has_value() && !std::is_same_v<acc_t, double>) {
+    step_in_float64<scalar_t>(args);
+    return;
+  }
 
   const scalar_t* scores = args.scores.const_data_ptr<scalar_t>();
   const scalar_t* values = args.values.const_data_ptr<scalar_t>();

@@ -1032,6 +1032,18 @@ void backward_typed(const BackwardArgs& args) {
 
 void scan_forward(const ForwardArgs& args) {
   const c10::cuda::CUDAGuard guard(args.values.device());
+  if (args.values.size(1) == 1 && args.state_lse.has_value() &&
+      args.values.scalar_type() != at::kDouble) {
+    // One token after a state (a step): in float64 against the float64 state, as on the CPU
+    // (docs/design.md, "The state"), by the float64 kernel on converted inputs.
+    const ForwardArgs wide{args.scores.to(at::kDouble), args.values.to(at::kDouble),
+                           args.state_lse, args.state_out,
+                           at::empty(args.values.sizes(), args.values.options().dtype(at::kDouble)),
+                           args.lse, args.final_out};
+    forward_typed<double>(wide);
+    args.out.copy_(wide.out);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.values.scalar_type(),
                                   "aaren_scan_forward_cuda", [&] { forward_typed<scalar_t>(args); });
 }
