@@ -35,6 +35,7 @@
 # GPU_CHECK_WORK (scratch folder, default /tmp/aaren-gpu-check), MAX_JOBS (default: all cores),
 # GPU_BENCH_ARGS (default --quick).
 set -uo pipefail
+{  # the whole script is read before it runs: editing it during a run cannot change that run
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -233,7 +234,9 @@ check_step() {  # what an exit status of 0 does not prove
   echo "gpu_check ($MODE mode) on $(hostname): $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "python3 ${FOUND[PYTHON_VERSION]:-?} ($PY), torch $TORCH, GPU ${FOUND[GPU_NAME]:-none} ${GPU_ARCH:+(compute capability $GPU_ARCH)}"
   echo "nvcc $NVCC, compute-sanitizer $SANITIZER, $JOBS compile jobs, budget $BUDGET s"
-  echo "git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+  if commit="$(git rev-parse --short HEAD 2>/dev/null)"; then
+    echo "git $commit$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+  fi
 } > "$OUT_DIR/build.log"
 # The GPU benchmark first after the build, on a quiet machine; then the deployment tests (mostly
 # CPU work: exporting, compiling the C++ example) in the background while the GPU tests run.
@@ -285,3 +288,5 @@ for file in "$OUT_DIR"/*; do
   fi
 done
 [ $all_passed = 1 ]
+exit
+}
