@@ -172,6 +172,7 @@ fi
 
 # ---- run -----------------------------------------------------------------------------
 mkdir -p "$OUT_DIR" "$SITE" "$WORK/bin"
+rm -rf "$WORK/inductor"
 rm -f "$OUT_DIR"/{summary.txt,build.log,test_cuda.log,memcheck.log,racecheck.log,bench_cuda.md,suite.log,deploy.log} "$WORK/deploy.status"
 # `python` for the deploy test's README commands: the interpreter this script uses.
 printf '#!/bin/sh\nexec "%s" "$@"\n' "${FOUND[PYTHON_PATH]}" > "$WORK/bin/python"
@@ -198,7 +199,10 @@ run_step() {
   fi
   printf '\n== %s (limit %s s): %s\n' "$step" "$limit" "${CMD[$step]}" | tee -a "$log"
   local begin=$SECONDS rc
-  timeout --kill-after=10 "$limit" bash -c "${CMD[$step]}" >>"$log" 2>&1
+  # Each step its own TorchInductor cache: deploy runs beside the others (and a shared /tmp
+  # cache can be cleaned by other users of the machine while a compile writes into it).
+  TORCHINDUCTOR_CACHE_DIR="$WORK/inductor/$step" \
+    timeout --kill-after=10 "$limit" bash -c "${CMD[$step]}" >>"$log" 2>&1
   rc=$?
   SECS[$step]=$(( SECONDS - begin ))
   if [ $rc -eq 0 ]; then
@@ -270,7 +274,7 @@ done
     printf '  %-10s %-44s %7s  %s\n' "$step" "${STATUS[$step]:-not run}" "${SECS[$step]:--}" "${LOG[$step]}"
   done
   for log in test_cuda suite; do  # pytest's own last line
-    [ ! -f "$OUT_DIR/$log.log" ] || echo "  $log: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT_DIR/$log.log" | tail -1)"
+    [ ! -f "$OUT_DIR/$log.log" ] || echo "  $log: $(grep -E '[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s' "$OUT_DIR/$log.log" | tail -1)"
   done
   [ ! -f "$OUT_DIR/deploy.log" ] || echo "  deploy: $(grep -E 'tests passed' "$OUT_DIR/deploy.log" | tail -1)"
   echo "  logs: $OUT_DIR"
