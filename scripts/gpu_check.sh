@@ -235,7 +235,7 @@ check_step() {  # what an exit status of 0 does not prove
 }
 
 {
-  echo "gpu_check ($MODE mode) on $(hostname): $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "gpu_check ($MODE mode) on ${HOSTNAME:-?}: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "python3 ${FOUND[PYTHON_VERSION]:-?} ($PY), torch $TORCH, GPU ${FOUND[GPU_NAME]:-none} ${GPU_ARCH:+(compute capability $GPU_ARCH)}"
   echo "nvcc $NVCC, compute-sanitizer $SANITIZER, $JOBS compile jobs, budget $BUDGET s"
   if commit="$(git rev-parse --short HEAD 2>/dev/null)"; then

@@ -24,6 +24,11 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+case "${1:-}" in  # these two set nothing up here (and take none of the defaults below)
+  gpu) exec scripts/gpu_check.sh "${@:2}" ;;
+  wheels) exec scripts/gpu_wheels.sh "${@:2}" ;;
+esac
+
 NEWEST_TORCH_VERSION="2.15.0"  # the newest torch CI tests (the whole suite, CUDA kernels built)
 OLDEST_TORCH_VERSION="2.11.0"  # the oldest torch the package accepts (pyproject.toml); CI builds and tests it too
 TORCH_VERSION="${TORCH_VERSION:-$NEWEST_TORCH_VERSION}"
@@ -112,7 +117,5 @@ case "${1:-}" in
   test) timed "test (torch $TORCH_VERSION)" newest ;;
   test-oldest) timed "test-oldest (torch $OLDEST_TORCH_VERSION)" oldest ;;
   bench) setup; log "CPU benchmark"; python benchmarks/bench_scan_cpu.py "${@:2}" ;;
-  gpu) exec scripts/gpu_check.sh "${@:2}" ;;
-  wheels) exec scripts/gpu_wheels.sh "${@:2}" ;;
   *) echo "usage: scripts/run.sh {setup|demo|test|test-oldest|bench|gpu [OUT] [--dry-run|--cpu-plumbing]|wheels}" >&2; exit 2 ;;
 esac
