@@ -7,8 +7,9 @@
 # each under its own time limit (timeout) and all of them within GPU_CHECK_BUDGET seconds
 # (default 540):
 #   deps       the Python packages the build and tests need and python3 lacks (setuptools >= 77,
-#              pybind11, expecttest), installed from the wheels in .whl/ (scripts/run.sh wheels
-#              fills it) into a scratch folder on PYTHONPATH: python3's own packages stay as they are
+#              pybind11, expecttest; cmake >= 3.26 and ninja if the machine's are missing or
+#              older), installed from the wheels in .whl/ (scripts/run.sh wheels fills it) into a
+#              scratch folder on PYTHONPATH and PATH: python3's own packages stay as they are
 #   build      aaren for this GPU's architecture only (torch.cuda.get_device_capability), CUDA
 #              kernels required, all cores, into that scratch folder (pip --target), build dir build/gpu
 #   bench      python benchmarks/bench_scan_cuda.py --quick, on a quiet machine (fails on a
@@ -177,7 +178,8 @@ rm -f "$OUT_DIR"/{summary.txt,build.log,test_cuda.log,memcheck.log,racecheck.log
 # `python` for the deploy test's README commands: the interpreter this script uses.
 printf '#!/bin/sh\nexec "%s" "$@"\n' "${FOUND[PYTHON_PATH]}" > "$WORK/bin/python"
 chmod +x "$WORK/bin/python"
-export PATH="$WORK/bin:$PATH"
+# The scratch folder's commands (cmake, ninja from .whl, if needed) first, then the Python's own.
+export PATH="$WORK/bin:$SITE/bin:$(dirname "${FOUND[PYTHON_PATH]}"):$PATH"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="$ARCH_LIST"  # also for the deploy test's CMake (find_package(Torch))

@@ -6,19 +6,35 @@ PYTHONPATH, and fails clearly when a wheel is missing.
 
 Installed from .whl when absent or too old (scripts/run.sh wheels downloads them):
 setuptools >= 77 (pyproject.toml's license field), pybind11 >= 2.12 (the extension module),
-expecttest (torch.library.opcheck in the tests). Only checked: torch, pytest, hypothesis,
-numpy (the machine must have them).
+expecttest (torch.library.opcheck in the tests); the cmake wheel when the `cmake` on PATH is
+older than 3.26 (3.25 cannot compile CUDA as C++20) or missing, the ninja wheel when there is no
+`ninja` (their commands land in TARGET/bin, which scripts/gpu_check.sh puts first on PATH).
+Only checked: torch, pytest, hypothesis, numpy (the machine must have them).
 """
 import argparse
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 INSTALLABLE = {"setuptools": (77,), "pybind11": (2, 12), "expecttest": ()}
+TOOLS = {"cmake": (3, 26), "ninja": ()}  # commands on PATH, installable from wheels of those names
 REQUIRED = ["torch", "pytest", "hypothesis", "numpy"]
+
+
+def tool_version(name):
+    path = shutil.which(name)
+    if path is None:
+        return None, None
+    try:
+        output = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return path, None
+    match = re.search(r"\d+(\.\d+)+", output)
+    return path, match.group(0) if match else None
 
 
 def installed(name):
@@ -55,6 +71,19 @@ def main() -> int:
             if not wheels:
                 problems.append(f"no {name} wheel in {args.wheels}/: run `scripts/run.sh wheels` where "
                                 f"PyPI is reachable and carry {args.wheels}/")
+            else:
+                wanted.append(wheels[-1])
+    for name, minimum in TOOLS.items():
+        path, found = tool_version(name)
+        ok = found is not None and at_least(found, minimum)
+        need = ">=" + ".".join(map(str, minimum)) if minimum else "any version"
+        print(f"{name:12s} {found or 'MISSING'} ({path or 'not on PATH'}; needs {need})"
+              f"{'' if ok else ': install from ' + args.wheels}")
+        if not ok:
+            wheels = sorted(glob.glob(os.path.join(args.wheels, f"{name}-*.whl")))
+            if not wheels:
+                problems.append(f"no usable {name} and no {name} wheel in {args.wheels}/: run "
+                                f"`scripts/run.sh wheels` where PyPI is reachable and carry {args.wheels}/")
             else:
                 wanted.append(wheels[-1])
     if problems:

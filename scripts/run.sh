@@ -69,7 +69,7 @@ setup() {
   python -m pip install -q --upgrade pip
   # setuptools >= 77: pyproject.toml's license field (a fresh venv may have an older one).
   python -m pip install -q "torch==$TORCH_VERSION" numpy pytest hypothesis expecttest \
-    "pybind11>=2.12" ninja "cmake>=3.24" "setuptools>=77"
+    "pybind11>=2.12" ninja "cmake>=3.26" "setuptools>=77"
   # The paper-claims benchmark and example: real datasets shipped inside sktime, plots, progress.
   python -m pip install -q "sktime==1.2.0" "matplotlib==3.11.2" "tqdm==4.70.1"
   log "building and installing aaren (torch $TORCH_VERSION, build dir $AAREN_BUILD_DIR, MAX_JOBS=$MAX_JOBS, CUDA $AAREN_CUDA, archs $TORCH_CUDA_ARCH_LIST)"
