@@ -20,7 +20,8 @@
 #              CUDA graphs, torch.compile reduce-overhead)
 #   memcheck   compute-sanitizer --tool memcheck on scripts/gpu_sanitize.py (every kernel variant,
 #   racecheck  and --tool racecheck      the split-N paths; aaren's kernels instrumented only)
-#   suite      the whole pytest suite with the `device` fixture on cuda only (AAREN_TEST_DEVICES=cuda)
+#   suite      the whole pytest suite with the `device` fixture on cuda only (AAREN_TEST_DEVICES=cuda),
+#              in GPU_SUITE_WORKERS (4) processes where pytest-xdist is installed
 # Logs and the benchmark tables go to OUT_DIR (default $OUT, else build/gpu-check; 8 files at
 # most): summary.txt, build.log, test_cuda.log, memcheck.log, racecheck.log, bench_cuda.md,
 # suite.log, deploy.log. The summary (which steps passed, failed, timed out or were skipped) is
@@ -34,7 +35,7 @@
 # GPU_CHECK_SLOWDOWN (multiplies every step's time limit; default 1, 6 with --cpu-plumbing,
 # whose CPU build on a small machine takes far longer than on a 16-core GPU machine),
 # GPU_CHECK_WORK (scratch folder, default /tmp/aaren-gpu-check), MAX_JOBS (default: all cores),
-# GPU_BENCH_ARGS (default --quick).
+# GPU_BENCH_ARGS (default --quick), GPU_SUITE_WORKERS (default 4).
 set -uo pipefail
 {  # the whole script is read before it runs: editing it during a run cannot change that run
 
@@ -60,6 +61,7 @@ WORK="${GPU_CHECK_WORK:-/tmp/aaren-gpu-check}"
 SITE="$WORK/site"
 JOBS="${MAX_JOBS:-$(nproc)}"
 BENCH_ARGS="${GPU_BENCH_ARGS:---quick}"
+SUITE_WORKERS="${GPU_SUITE_WORKERS:-4}"  # pytest-xdist processes for the suite, where it is installed
 BUILD_DIR="build/gpu"
 DEPLOY_DIR="build/gpu-deploy"
 START=$SECONDS
@@ -76,6 +78,11 @@ except Exception as error:
     print(f"TORCH=none ({type(error).__name__})")
     raise SystemExit
 print(f"TORCH={torch.__version__}")
+try:
+    import xdist  # noqa: F401  (pytest-xdist: the whole suite in parallel processes)
+    print("XDIST=1")
+except ImportError:
+    pass
 print(f"TORCH_CUDA={torch.version.cuda}")
 available = torch.cuda.is_available()
 print(f"GPU_AVAILABLE={int(available)}")
@@ -125,7 +132,7 @@ declare -A CMD=(
   [memcheck]="${SANITIZE_CMD/TOOL/memcheck}"
   [racecheck]="${SANITIZE_CMD/TOOL/racecheck --racecheck-report hazard}"
   [bench]="'$PY' benchmarks/bench_scan_cuda.py $BENCH_ARGS"
-  [suite]="AAREN_TEST_DEVICES=$TEST_DEVICES '$PY' -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py"
+  [suite]="AAREN_TEST_DEVICES=$TEST_DEVICES '$PY' -m pytest -q -p no:cacheprovider ${FOUND[XDIST]:+-n $SUITE_WORKERS }--ignore tests/test_cuda.py"
   [deploy]="cmake -S scripts/gpu_deploy -B $DEPLOY_DIR -DAAREN_SOURCE_DIR='$ROOT' -DPython_EXECUTABLE='${FOUND[PYTHON_PATH]:-$PY}' >/dev/null && ctest --test-dir $DEPLOY_DIR -L deploy --output-on-failure -j 3"
 )
 if [ "$MODE" = plumbing ]; then
