@@ -5,7 +5,13 @@
 builds against the torch already installed (build isolation would fetch another).
 Environment: MAX_JOBS (parallel compile jobs, default 2), TORCH_CUDA_ARCH_LIST (CUDA
 architectures, default "8.0;9.0+PTX"), AAREN_CUDA (ON, OFF or AUTO), AAREN_BUILD_TESTS=1
-(also build the C++ tests into build/cmake, for `ctest --test-dir build/cmake`).
+(also build the C++ tests, for `ctest --test-dir build/cmake`), AAREN_BUILD_DIR (the CMake
+build directory, default build/cmake; relative paths are taken from this directory), so that
+builds against different torch versions can keep their own.
+
+The package needs torch >= 2.11 (the oldest version it is tested with). A built aaren is tied
+to the ABI of the torch it was compiled against, so the wheel this builds requires that torch's
+major.minor version (aaren also refuses another one at import).
 """
 import os
 import re
@@ -18,7 +24,20 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-BUILD_DIR = ROOT / "build" / "cmake"
+BUILD_DIR = ROOT / os.environ.get("AAREN_BUILD_DIR", "build/cmake")  # an absolute path replaces ROOT
+OLDEST_TORCH = "2.11"  # keep in step with pyproject.toml's build requirement and README.md
+
+
+def torch_requirement() -> str:
+    """torch's major.minor from the build environment, else the supported range."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        installed = version("torch")
+    except PackageNotFoundError:
+        return f"torch>={OLDEST_TORCH}"
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", installed).groups())
+    lowest = f"{major}.{minor}" if re.fullmatch(r"[\d.]+(\+.*)?", installed) else f"{major}.{minor}.0.dev0"
+    return f"torch>={lowest},<{major}.{minor + 1}"
 
 
 def project_version() -> str:
@@ -33,6 +52,11 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        from importlib.metadata import version
+        torch_version = version("torch")
+        oldest = tuple(int(part) for part in OLDEST_TORCH.split("."))
+        if tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", torch_version).groups()) < oldest:
+            sys.exit(f"aaren needs torch >= {OLDEST_TORCH} to build; torch {torch_version} is installed")
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         # An editable install (pip install -e) runs from python/aaren: install there.
         editable = getattr(self, "editable_mode", False) or self.inplace
@@ -57,6 +81,7 @@ class CMakeBuild(build_ext):
 
 setup(
     version=project_version(),
+    install_requires=[torch_requirement()],
     ext_modules=[CMakeExtension("aaren._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

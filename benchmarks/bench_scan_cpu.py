@@ -15,10 +15,13 @@ For each (B, N, H, D, dtype) it reports, measured in one run (medians of repeate
 
     python benchmarks/bench_scan_cpu.py            # the grid, a few minutes
     python benchmarks/bench_scan_cpu.py --quick    # the headline shape only
-    python benchmarks/bench_scan_cpu.py --smoke    # tiny, checks the script runs
+    python benchmarks/bench_scan_cpu.py --smoke    # tiny, in seconds: checks the script runs,
+                                                   # its outputs and its figures (CI runs it)
 """
 import argparse
+import math
 import statistics
+import sys
 import time
 
 import torch
@@ -156,7 +159,36 @@ def main():
             print(f"measured {rows[-1]['shape']} {rows[-1]['dtype']}", flush=True)
     print()
     print_table(rows)
+    if args.smoke:
+        return smoke_check(rows)
+    return 0
+
+
+def smoke_check(rows):
+    """--smoke: the timed kernels compute the scan, and every figure is a positive number."""
+    torch.manual_seed(0)
+    problems = []
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        scores = torch.randn(2, 100, 3, dtype=dtype) * 3
+        values = torch.randn(2, 100, 3, 8, dtype=dtype)
+        out = torch.empty_like(values)
+        lse = torch.empty(2, 100, 3, dtype=torch.float32)
+        torch.ops.aaren.scan_forward_into(scores, values, None, None, out, lse)
+        want = hillis_steele_scan(scores.float(), values.float())
+        for name, got in (("scan_forward_into", out), ("aaren.scan", aaren.scan(scores, values)[0])):
+            error = (got.float() - want).abs().max().item()
+            if not error <= tolerance:
+                problems.append(f"{name} {dtype}: max |error| {error:.2e} against hillis_steele_scan")
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+                problems.append(f"{row['shape']} {row['dtype']}: {key} = {value}")
+    for problem in problems:
+        print(f"smoke check FAILED: {problem}")
+    if not problems:
+        print("smoke check passed: the kernels match the reference scan; every figure is positive and finite")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,29 +1,51 @@
 #!/usr/bin/env bash
 # One entry point for newcomers and CI. From a fresh machine it creates the virtual
 # environment, installs the pinned PyTorch and the test tools, builds aaren, and then:
-#   scripts/run.sh demo    runs the main demonstration (examples/train_and_stream.py)
-#   scripts/run.sh test    runs every test: pytest, then the C++ tests through CTest
-#   scripts/run.sh bench   runs the CPU benchmark (benchmarks/bench_scan_cpu.py)
-#   scripts/run.sh setup   only sets up and builds
+#   scripts/run.sh demo         runs the main demonstration (examples/train_and_stream.py)
+#   scripts/run.sh test         runs every test: pytest, the C++ tests through CTest, the demo
+#                               (it checks streaming against the parallel forward) and the CPU
+#                               benchmark's smoke mode; newest supported torch ($TORCH_VERSION)
+#   scripts/run.sh test-oldest  the oldest supported torch ($OLDEST_TORCH_VERSION) in its own
+#                               venv (.venv-torch2.11) and build directory, a CPU-only build,
+#                               and the pytest suite
+#   scripts/run.sh bench        runs the CPU benchmark (benchmarks/bench_scan_cpu.py)
+#   scripts/run.sh setup        only sets up and builds
+#   scripts/run.sh gpu [OUT]    on a CUDA machine: scripts/gpu_check.sh (build for its GPU,
+#                               GPU tests, compute-sanitizer, deploy tests, CUDA benchmark);
+#                               no network needed there, uses that machine's python3 and torch
+#   scripts/run.sh wheels       fills .whl/ with the wheels gpu_check.sh may need there
+# .ci/run runs `test`, then `test-oldest`.
 # Environment: PYTHON (interpreter for the venv, default python3), VENV (default .venv),
-# MAX_JOBS (compile jobs, default 2), TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX").
+# TORCH_VERSION (default the pinned newest, below), AAREN_BUILD_DIR (CMake build directory,
+# default build/cmake), MAX_JOBS (compile jobs, default 2), TORCH_CUDA_ARCH_LIST (default
+# "8.0;9.0+PTX"), AAREN_CUDA (ON, OFF or AUTO: CUDA kernels whenever nvcc is found).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-TORCH_VERSION="2.15.0"  # the one version CI pins; the package accepts 2.15.x
+case "${1:-}" in  # these two set nothing up here (and take none of the defaults below)
+  gpu) exec scripts/gpu_check.sh "${@:2}" ;;
+  wheels) exec scripts/gpu_wheels.sh "${@:2}" ;;
+esac
+
+NEWEST_TORCH_VERSION="2.15.0"  # the newest torch CI tests (the whole suite, CUDA kernels built)
+OLDEST_TORCH_VERSION="2.11.0"  # the oldest torch the package accepts (pyproject.toml); CI builds and tests it too
+TORCH_VERSION="${TORCH_VERSION:-$NEWEST_TORCH_VERSION}"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-$ROOT/.venv}"
+export AAREN_BUILD_DIR="${AAREN_BUILD_DIR:-build/cmake}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
+export AAREN_CUDA="${AAREN_CUDA:-AUTO}"
+AAREN_BUILD_TESTS="${AAREN_BUILD_TESTS:-1}"  # the C++ tests (GoogleTest): CTest runs them
 
 log() { printf '\n== %s\n' "$*"; }
 
 install_system_packages() {
   # GoogleTest for the C++ tests; Debian's packages. Only what is missing.
   local missing=()
-  [ -e /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
+  [ "$AAREN_BUILD_TESTS" != 1 ] || [ -e /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
   command -v cmake >/dev/null || missing+=(cmake)
   command -v g++ >/dev/null || missing+=(g++)
   if [ ${#missing[@]} -gt 0 ]; then
@@ -43,14 +65,15 @@ setup() {
   fi
   # shellcheck disable=SC1091
   source "$VENV/bin/activate"
-  log "installing torch==$TORCH_VERSION and the build and test tools"
+  log "installing torch==$TORCH_VERSION and the build and test tools into $VENV"
   python -m pip install -q --upgrade pip
+  # setuptools >= 77: pyproject.toml's license field (a fresh venv may have an older one).
   python -m pip install -q "torch==$TORCH_VERSION" numpy pytest hypothesis expecttest \
-    pybind11 ninja "cmake>=3.24" setuptools wheel
+    "pybind11>=2.12" ninja "cmake>=3.26" "setuptools>=77"
   # The paper-claims benchmark and example: real datasets shipped inside sktime, plots, progress.
   python -m pip install -q "sktime==1.2.0" "matplotlib==3.11.2" "tqdm==4.70.1"
-  log "building and installing aaren (MAX_JOBS=$MAX_JOBS, CUDA archs $TORCH_CUDA_ARCH_LIST)"
-  AAREN_BUILD_TESTS=1 python -m pip install -q --no-build-isolation --no-deps .
+  log "building and installing aaren (torch $TORCH_VERSION, build dir $AAREN_BUILD_DIR, MAX_JOBS=$MAX_JOBS, CUDA $AAREN_CUDA, archs $TORCH_CUDA_ARCH_LIST)"
+  AAREN_BUILD_TESTS="$AAREN_BUILD_TESTS" python -m pip install -q --no-build-isolation --no-deps .
   python -m aaren
 }
 
@@ -58,13 +81,41 @@ run_tests() {
   log "pytest"
   python -m pytest -q
   log "C++ tests (CTest)"
-  ctest --test-dir build/cmake --output-on-failure
+  ctest --test-dir "$AAREN_BUILD_DIR" --output-on-failure
+  log "demo (examples/train_and_stream.py: streaming must equal the parallel forward)"
+  python examples/train_and_stream.py
+  log "CPU benchmark, smoke mode (tiny sizes; checks outputs and figures)"
+  python benchmarks/bench_scan_cpu.py --smoke
+}
+
+timed() {  # timed NAME COMMAND...: runs it and reports its wall time
+  local start=$SECONDS
+  "${@:2}"
+  log "$1 took $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+}
+
+newest() {
+  setup
+  run_tests
+}
+
+oldest() {
+  # Lean: no CUDA kernels (they are compiled against the newest torch in `test`), no C++ tests.
+  TORCH_VERSION="$OLDEST_TORCH_VERSION"
+  VENV="$ROOT/.venv-torch${OLDEST_TORCH_VERSION%.*}"
+  AAREN_BUILD_DIR="build/torch${OLDEST_TORCH_VERSION%.*}"
+  AAREN_CUDA=OFF
+  AAREN_BUILD_TESTS=0
+  setup
+  log "pytest (torch $OLDEST_TORCH_VERSION, CPU-only build)"
+  python -m pytest -q
 }
 
 case "${1:-}" in
   setup) setup ;;
   demo) setup; log "demo"; python examples/train_and_stream.py ;;
-  test) setup; run_tests ;;
+  test) timed "test (torch $TORCH_VERSION)" newest ;;
+  test-oldest) timed "test-oldest (torch $OLDEST_TORCH_VERSION)" oldest ;;
   bench) setup; log "CPU benchmark"; python benchmarks/bench_scan_cpu.py "${@:2}" ;;
-  *) echo "usage: scripts/run.sh {setup|demo|test|bench}" >&2; exit 2 ;;
+  *) echo "usage: scripts/run.sh {setup|demo|test|test-oldest|bench|gpu [OUT] [--dry-run|--cpu-plumbing]|wheels}" >&2; exit 2 ;;
 esac
