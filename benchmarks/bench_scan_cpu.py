@@ -172,8 +172,9 @@ def smoke_check(rows):
         scores = torch.randn(2, 100, 3, dtype=dtype) * 3
         values = torch.randn(2, 100, 3, 8, dtype=dtype)
         out = torch.empty_like(values)
-        lse = torch.empty(2, 100, 3, dtype=torch.float32)
-        torch.ops.aaren.scan_forward_into(scores, values, None, None, out, lse)
+        lse = torch.empty(2, 100, 3, dtype=torch.float64)
+        final_out = torch.empty(2, 3, 8, dtype=torch.float64)
+        torch.ops.aaren.scan_forward_into(scores, values, None, None, out, lse, final_out)
         want = hillis_steele_scan(scores.float(), values.float())
         for name, got in (("scan_forward_into", out), ("aaren.scan", aaren.scan(scores, values)[0])):
             error = (got.float() - want).abs().max().item()

@@ -48,9 +48,8 @@ def make_inputs(B, N, H, D, dtype, with_state, masked, layout, generator):
     values = torch.randn(B, N, H, D + (layout == "misaligned"), generator=generator)
     state = None
     if with_state:
-        lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        state = (torch.randn(B, H, generator=generator).to(lse_dtype),
-                 torch.randn(B, H, D, generator=generator).to(dtype))
+        state = (torch.randn(B, H, generator=generator, dtype=torch.float64),  # the state: float64
+                 torch.randn(B, H, D, generator=generator, dtype=torch.float64))
     return scores.to(dtype), values.to(dtype), state
 
 
