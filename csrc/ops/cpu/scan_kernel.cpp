@@ -169,6 +169,11 @@ void forward_typed(const ForwardArgs& args) {
     // Online softmax per head (see combine.h): running max, denominator, numerator row.
     std::vector<acc_t> running_max(split.heads_per_task);
     std::vector<acc_t> denominator(split.heads_per_task);
+    // A token's (m, u) for the task's heads, in float64, turned into lse = m + log u with
+    // one vectorized float64 log over the heads (a scalar one per head cost as much as
+    // the rest of the forward).
+    std::vector<double> token_max(split.heads_per_task);
+    std::vector<double> token_sum(split.heads_per_task);
     std::vector<acc_t> numerator(split.heads_per_task * row_width);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / split.tasks_per_batch;
@@ -204,7 +209,8 @@ void forward_typed(const ForwardArgs& args) {
           const int64_t h = h_begin + j;
           const auto w = add_score(running_max[j], static_cast<acc_t>(score_row[h * s_strides[2]]));
           denominator[j] = w.weight_old * denominator[j] + w.weight_new;
-          lse[token * heads + h] = lse_of_wide(running_max[j], denominator[j]);
+          token_max[j] = running_max[j];
+          token_sum[j] = denominator[j];
           const AccVec weight_old(w.weight_old);
           const AccVec weight_new(w.weight_new);
           const AccVec inverse(reciprocal_or_zero(denominator[j]));
@@ -224,6 +230,15 @@ void forward_typed(const ForwardArgs& args) {
             }
             IO::store(o_row + d, count, o);
           }
+        }
+        // lse = m + log u (combine.h, lse_of_wide): u = 0 gives log 0 = -inf with m = -inf.
+        double* lse_row = lse + token * heads + h_begin;
+        using DoubleVec = Vectorized<double>;
+        for (int64_t j = 0; j < task_heads; j += DoubleVec::size()) {
+          const int64_t count = std::min<int64_t>(DoubleVec::size(), task_heads - j);
+          const DoubleVec m = DoubleVec::loadu(token_max.data() + j, count);
+          const DoubleVec u = DoubleVec::loadu(token_sum.data() + j, count);
+          (m + u.log()).store(lse_row + j, count);
         }
       }
 
