@@ -61,31 +61,26 @@ def main() -> int:
         if not found:
             problems.append(f"{name} is not installed for {sys.executable} (and is not carried as a wheel)")
     wanted = []
-    for name, minimum in INSTALLABLE.items():
-        found = installed(name)
+
+    def check(name, found, minimum, where=""):
+        """Prints what was found; queues the newest wheel of `name` when it is missing or too old."""
         ok = found is not None and at_least(found, minimum)
         need = ">=" + ".".join(map(str, minimum)) if minimum else "any version"
-        print(f"{name:12s} {found or 'MISSING'} (needs {need}){'' if ok else ': install from ' + args.wheels}")
-        if not ok:
-            wheels = sorted(glob.glob(os.path.join(args.wheels, f"{name}-*.whl")))
-            if not wheels:
-                problems.append(f"no {name} wheel in {args.wheels}/: run `scripts/run.sh wheels` where "
-                                f"PyPI is reachable and carry {args.wheels}/")
-            else:
-                wanted.append(wheels[-1])
+        print(f"{name:12s} {found or 'MISSING'} ({where}needs {need}){'' if ok else ': install from ' + args.wheels}")
+        if ok:
+            return
+        wheels = sorted(glob.glob(os.path.join(args.wheels, f"{name}-*.whl")))
+        if wheels:
+            wanted.append(wheels[-1])
+        else:
+            problems.append(f"no usable {name} and no {name} wheel in {args.wheels}/: run "
+                            f"`scripts/run.sh wheels` where PyPI is reachable and carry {args.wheels}/")
+
+    for name, minimum in INSTALLABLE.items():
+        check(name, installed(name), minimum)
     for name, minimum in TOOLS.items():
         path, found = tool_version(name)
-        ok = found is not None and at_least(found, minimum)
-        need = ">=" + ".".join(map(str, minimum)) if minimum else "any version"
-        print(f"{name:12s} {found or 'MISSING'} ({path or 'not on PATH'}; needs {need})"
-              f"{'' if ok else ': install from ' + args.wheels}")
-        if not ok:
-            wheels = sorted(glob.glob(os.path.join(args.wheels, f"{name}-*.whl")))
-            if not wheels:
-                problems.append(f"no usable {name} and no {name} wheel in {args.wheels}/: run "
-                                f"`scripts/run.sh wheels` where PyPI is reachable and carry {args.wheels}/")
-            else:
-                wanted.append(wheels[-1])
+        check(name, found, minimum, f"{path or 'not on PATH'}; ")
     if problems:
         for problem in problems:
             print(f"gpu_deps: {problem}")
