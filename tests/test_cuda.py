@@ -20,8 +20,7 @@ def cpu_and_cuda_agree(B, N, H, D, dtype, with_state=False, masked=0.0, rtol=Non
     grad_out = torch.randn(B, N, H, D, dtype=torch.float32).to(dtype)
     state = None
     if with_state:
-        lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        state = (torch.randn(B, H, dtype=lse_dtype), torch.randn(B, H, D, dtype=torch.float32).to(dtype))
+        state = (torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, D, dtype=torch.float64))
     results = []
     for device in ("cpu", "cuda"):
         leaves = [t.to(device).requires_grad_() for t in (scores, values, *(state or ()))]
