@@ -147,6 +147,7 @@ print_plan() {
   echo "  GPU: $([ "$GPU_AVAILABLE" = 1 ] && echo "${FOUND[GPU_NAME]:-?}, compute capability $GPU_ARCH" || echo "none visible to torch")"
   echo "  nvcc: $NVCC; compute-sanitizer: $SANITIZER; cmake: $(tool cmake); ninja: $(tool ninja); ctest: $(tool ctest)"
   echo "  wheels in .whl: $(ls .whl/*.whl 2>/dev/null | xargs -n1 basename 2>/dev/null | tr '\n' ' ' || true)"
+  ls .whl/*.whl >/dev/null 2>&1 || echo "  (none: run 'scripts/run.sh wheels' where PyPI is reachable, then carry .whl/)"
   echo "  scratch folder (PYTHONPATH): $SITE; compile jobs: $JOBS"
   for step in "${STEPS[@]}"; do
     printf '  %-10s limit %4s s  > %-14s %s\n' "$step" "${LIMIT[$step]}" "${LOG[$step]}" "${CMD[$step]}"

@@ -57,6 +57,19 @@ def test_state_in_earlier_dtypes_is_accepted(device, dtype):
     assert torch.equal(aaren.scan(scores, values, strided)[0], out_new)
 
 
+@pytest.mark.parametrize("fn", ["scan", "step"])
+def test_a_state_that_is_not_a_pair_raises_clearly(device, fn):
+    scores = torch.randn(2, 3, 4, device=device)
+    values = torch.randn(2, 3, 4, 5, device=device)
+    lse, out = aaren.empty_state(2, 4, 5, torch.float32, device)
+    call = (lambda st: aaren.scan(scores, values, st)) if fn == "scan" else \
+        (lambda st: aaren.step(scores[:, 0], values[:, 0], st))
+    for bad, kind in (((lse,), "a tuple of 1"), ((lse, out, out), "a tuple of 3"), (lse, "a Tensor")):
+        with pytest.raises(TypeError, match=f"aaren.{fn}: state must be a pair .* got {kind}"):
+            call(bad)
+    call([lse, out])  # a list of two is a pair
+
+
 # ---- Carrying the state loses nothing --------------------------------------------
 
 

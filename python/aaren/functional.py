@@ -23,6 +23,15 @@ from . import _library  # noqa: F401  (registers torch.ops.aaren)
 State = Tuple[Tensor, Tensor]
 
 
+def _check_state(state, op: str) -> None:
+    """A state is a pair (lse, out); anything else gets an error naming it, not an
+    IndexError or a silently ignored element. (TorchScript checks the type itself.)"""
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        kind = f"a {type(state).__name__} of {len(state)}" if isinstance(state, (tuple, list)) \
+            else f"a {type(state).__name__}"
+        raise TypeError(f"{op}: state must be a pair (lse [B, H], out [B, H, D]) or None, got {kind}")
+
+
 def empty_state(batch: int, heads: int, head_dim: int, dtype: torch.dtype,
                 device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
     """The state before any token: lse = -inf [B, H], out = 0 [B, H, D], both float64
@@ -57,6 +66,8 @@ def scan(scores: Tensor, values: Tensor,
     if state is None:
         out, lse, final_out = torch.ops.aaren.scan_forward(scores, values, None, None)
     else:
+        if not torch.jit.is_scripting():
+            _check_state(state, "aaren.scan")
         out, lse, final_out = torch.ops.aaren.scan_forward(scores, values, state[0], state[1])
     if values.size(1) == 0:  # an empty sequence leaves the state as it was
         if state is None:
@@ -85,5 +96,7 @@ def step(score: Tensor, value: Tensor,
     if state is None:
         out, lse, state_out = torch.ops.aaren.step(score, value, None, None)
     else:
+        if not torch.jit.is_scripting():
+            _check_state(state, "aaren.step")
         out, lse, state_out = torch.ops.aaren.step(score, value, state[0], state[1])
     return out, (lse, state_out)
