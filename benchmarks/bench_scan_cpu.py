@@ -88,7 +88,9 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
     def sdpa(requires_grad):
         k = values.transpose(1, 2).detach().requires_grad_(requires_grad)  # [B, H, N, D]
         v = values.transpose(1, 2).detach().requires_grad_(requires_grad)
-        q = query.expand(B, H, N, D)
+        # Materialized, as a user's query is: with the stride-0 expanded view, PyTorch's
+        # bfloat16 CPU backward takes a path that ran for many minutes at N = 4096.
+        q = query.expand(B, H, N, D).contiguous()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         if requires_grad:
             y.backward(grad_out.transpose(1, 2))
