@@ -123,12 +123,6 @@ AAREN_HOST_DEVICE RescaleWeights<T> add_score(T& running_max, T score) {
   return {running_max, running_max};
 }
 
-// lse = m + log u, with u = 0 (nothing seen) meaning -inf.
-template <typename T>
-AAREN_HOST_DEVICE T lse_of(T running_max, T denominator) {
-  return denominator == T(0) ? negative_infinity<T>() : running_max + std::log(denominator);
-}
-
 // 1/u, or 0 while nothing has been seen (so out = 0, never 0/0).
 template <typename T>
 AAREN_HOST_DEVICE T reciprocal_or_zero(T denominator) {
