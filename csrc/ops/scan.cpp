@@ -98,7 +98,7 @@ struct KernelState {
 };
 
 KernelState kernel_state(const std::optional<at::Tensor>& state_lse,
-                         const std::optional<at::Tensor>& state_out, const at::Tensor& values) {
+                         const std::optional<at::Tensor>& state_out) {
   if (!state_lse.has_value()) {
     return {};
   }
@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
     const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse,
     const std::optional<at::Tensor>& final_out) {
   check_forward_inputs(op, scores, values, state_lse, state_out);
-  const KernelState state = kernel_state(state_lse, state_out, values);
+  const KernelState state = kernel_state(state_lse, state_out);
   const at::TensorOptions state_out_options = values.options().dtype(kStateOutDtype);
   ForwardArgs args{scores, values, state.lse, state.out,
                    checked_output(op, out, "out", values.sym_sizes(), values.options()),
@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
     check_same_device(op, *grad_lse, "grad_lse", values);
     args.grad_lse = grad_lse->to(kLseDtype);
   }
-  const KernelState state = kernel_state(state_lse, state_out, values);
+  const KernelState state = kernel_state(state_lse, state_out);
   args.scores = scores;
   args.values = values;
   args.out = out;
