@@ -29,6 +29,16 @@ __all__ = ["Aaren", "AarenEncoderLayer", "AarenEncoder", "convert"]
 _log = logging.getLogger("aaren")
 
 
+def drop_token_contributions(values: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout of whole token contributions, the scan's counterpart of dropout on attention
+    weights: values [..., H, hd] * mask [..., H, 1] (per batch, token and head), scaled by
+    1 / (1 - p) as ``F.dropout``; the identity unless training and p > 0."""
+    if not training or p == 0.0:
+        return values
+    keep = F.dropout(torch.ones_like(values[..., :1]), p=p, training=True)
+    return values * keep
+
+
 def _masked_at_or_below() -> float:
     """A float attn_mask entry at or below this value (or -inf) masks its token.
 
@@ -262,11 +272,7 @@ class Aaren(nn.Module):
         return weight, bias
 
     def _drop_tokens(self, values: Tensor) -> Tensor:
-        """Dropout of whole token contributions: values [..., H, hd] * mask [..., H, 1]."""
-        if not self.training or self.dropout == 0.0:
-            return values
-        keep = F.dropout(torch.ones_like(values[..., :1]), p=self.dropout, training=True)
-        return values * keep
+        return drop_token_contributions(values, self.dropout, self.training)
 
     def _attend(self, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
                 state: Optional[Tuple[Tensor, Tensor]], batch_first: bool
