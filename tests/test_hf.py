@@ -456,3 +456,22 @@ def test_a_cache_with_keys_and_values_and_4d_masks_are_refused():
     mask4d = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
     with pytest.raises(ValueError, match="4D"):
         model(ids, attention_mask=mask4d)
+
+
+def test_packed_sequences_are_refused_and_attention_weights_are_none():
+    model = converted(llama())
+    ids = prompt(batch=1, n=6)
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
+    out = model(ids, output_attentions=True)
+    assert out.attentions is None or all(a is None for a in out.attentions)
+
+
+def test_the_example_runs():
+    """examples/hf_gpt2_generate.py in its smoke mode (it checks the state size itself)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, os.path.join(root, "examples", "hf_gpt2_generate.py"),
+                             "--smoke"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Aaren state 4,224 bytes" in result.stdout, result.stdout
