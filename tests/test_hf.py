@@ -203,10 +203,16 @@ def test_llama_gqa_rope_convert_equals_a_reference(family):
 
 # ------------------------------------------------------------------ training
 
-def test_training_reduces_the_loss_and_every_parameter_gets_a_gradient():
-    model = gpt2(layers=2, positions=64)
-    model.config.attn_pdrop = 0.1
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_training_reduces_the_loss_and_every_parameter_gets_a_gradient(family):
+    if family == "gpt2":
+        model = gpt2(layers=2, positions=64)
+        model.transformer.h[0].attn.attn_dropout.p = 0.1  # token dropout in training
+    else:
+        model = llama(attention_dropout=0.1)
     ah.convert(model)
+    assert model.model.layers[0].self_attn.dropout == 0.1 if family == "llama" \
+        else model.transformer.h[0].attn.dropout == 0.1
     model.float().train()
     text = torch.arange(48).remainder(7).view(3, 16) + 3  # a repeating pattern to learn
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

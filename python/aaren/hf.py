@@ -45,8 +45,8 @@ from .functional import step as _step
 from .modules import drop_token_contributions
 
 __all__ = ["ATTN_IMPLEMENTATION", "AarenCache", "AarenLayer", "AarenGPT2Attention",
-           "AarenLlamaAttention", "DecisionTransformerStream", "convert", "from_pretrained",
-           "register", "LLAMA_FAMILY", "GPT2_FAMILY"]
+           "AarenLlamaAttention", "DecisionTransformerStream", "cache_bytes", "convert",
+           "from_pretrained", "register", "LLAMA_FAMILY", "GPT2_FAMILY"]
 
 _log = logging.getLogger("aaren")
 
@@ -296,7 +296,6 @@ class _AarenHFAttention(nn.Module):
         self.query = nn.Parameter(torch.empty(num_heads, head_dim, dtype=dtype, device=device))
         nn.init.normal_(self.query, std=0.5 ** 0.5)
         self.query.requires_grad_(any(p.requires_grad for p in source.parameters()))
-        self.train(source.training)
 
     def _keys_values(self, hidden_states: Tensor, position_embeddings) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -363,6 +362,7 @@ class AarenGPT2Attention(_AarenHFAttention):
             p.requires_grad_(bias.requires_grad)
         self.c_proj = copy.deepcopy(source.c_proj)
         self.resid_dropout = copy.deepcopy(source.resid_dropout)
+        self.train(source.training)
 
     def _keys_values(self, hidden_states, position_embeddings):
         shape = (*hidden_states.shape[:2], self.num_heads, self.head_dim)
@@ -393,6 +393,7 @@ class AarenLlamaAttention(_AarenHFAttention):
         self.k_norm = copy.deepcopy(source.k_norm) if hasattr(source, "k_norm") else None
         # The family's own RoPE function (Llama's, Mistral's, Qwen's: the same formula today).
         self._rope = sys.modules[type(source).__module__].apply_rotary_pos_emb
+        self.train(source.training)
 
     def _keys_values(self, hidden_states, position_embeddings):
         if position_embeddings is None:
@@ -551,8 +552,11 @@ def from_pretrained(cls, path: str, **kwargs) -> nn.Module:
     if os.path.exists(index):
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                         f"(save with save_pretrained's default safe_serialization)")
     state: Dict[str, Tensor] = {}
     for file in files:
         state.update(load_file(os.path.join(path, file)))
