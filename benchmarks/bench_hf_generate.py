@@ -11,8 +11,8 @@ LogitsProcessor that generate() calls once per token:
   - per-token latency: time between consecutive calls (one forward + the sampling step),
     reported as the median over the window of tokens since the previous sample point;
   - on CUDA also torch.cuda.max_memory_allocated (reset before each model's run).
-The two models take turns in rounds (--rounds, each run is repeated and the medians of the
-rounds kept), so both are timed under the same machine load.
+With --rounds R, each model generates R times, the two taking turns (who goes first
+alternates), and the median over rounds is reported, so both are timed under similar load.
 
     python benchmarks/bench_hf_generate.py                 # 4096 tokens
     python benchmarks/bench_hf_generate.py --tokens 512    # quicker
@@ -86,8 +86,8 @@ def main():
 
     runs = {"sdpa + DynamicCache": [], "Aaren + AarenCache": []}
     peaks = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name in runs:
+    for round_ in range(args.rounds):
+        for name in (list(runs) if round_ % 2 == 0 else list(runs)[::-1]):  # alternate who goes first
             if name.startswith("sdpa"):
                 recorder, peak = _run(original, DynamicCache(config=config), prompt, args.tokens, device)
             else:

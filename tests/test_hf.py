@@ -481,3 +481,9 @@ def test_the_example_runs():
                              "--smoke"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Aaren state 4,224 bytes" in result.stdout, result.stdout
+
+
+def test_a_static_cache_is_refused():
+    model = converted(gpt2())
+    with pytest.raises(ValueError, match="StaticLayer"):
+        gen(model, prompt(), 3, cache_implementation="static")

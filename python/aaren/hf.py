@@ -261,10 +261,13 @@ def _layer_in(cache, layer_idx: int) -> AarenLayer:
     if type(layer) is DynamicLayer and layer.get_seq_length() == 0:
         cache.layers[layer_idx] = AarenLayer()
         return cache.layers[layer_idx]
+    if type(layer) is DynamicLayer:
+        what = f"a DynamicLayer already holding keys/values of {layer.get_seq_length()} tokens"
+    else:
+        what = f"a {type(layer).__name__} (static, sliding, quantized or offloaded key/value caches do not apply)"
     raise ValueError(
-        f"layer {layer_idx} of the cache is a {type(layer).__name__} holding "
-        f"{layer.get_seq_length()} tokens of keys/values; a model converted by aaren.hf.convert "
-        f"keeps an (lse, out) state per layer: pass aaren.hf.AarenCache() or no cache")
+        f"layer {layer_idx} of the cache is {what}; a model converted by aaren.hf.convert keeps "
+        f"an (lse, out) state per layer: pass aaren.hf.AarenCache() or no cache")
 
 
 # --------------------------------------------------------------------------- the modules
