@@ -487,3 +487,10 @@ def test_a_static_cache_is_refused():
     model = converted(gpt2())
     with pytest.raises(ValueError, match="StaticLayer"):
         gen(model, prompt(), 3, cache_implementation="static")
+
+
+def test_encoder_decoder_models_are_refused():
+    from transformers import T5Config, T5ForConditionalGeneration
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        ah.convert(T5ForConditionalGeneration(config))
