@@ -512,8 +512,9 @@ def convert(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Modul
         if isinstance(module, PreTrainedModel):
             module.config._attn_implementation = ATTN_IMPLEMENTATION
             module._is_stateful = True  # generate() refuses assisted decoding for stateful models
-            previous = getattr(module.config, _CONFIG_KEY, None) or []
-            setattr(module.config, _CONFIG_KEY, sorted(set(previous) | set(converted)))
+    if config is not None:  # names relative to `model`, for from_pretrained(type(model), ...)
+        previous = getattr(config, _CONFIG_KEY, None) or []
+        setattr(config, _CONFIG_KEY, sorted(set(previous) | set(converted)))
     previous = getattr(model, "aaren_converted", None)
     model.aaren_converted = (list(previous) if isinstance(previous, list) else []) + converted
     _log.info("aaren.hf.convert replaced %d attention modules: %s", len(converted), ", ".join(converted))
