@@ -177,7 +177,7 @@ def unshard_sequence(x: Tensor, group: Group = None, dim: int = 1) -> Tensor:
     then the chunks padded to the longest): for evaluation and tests rather than every step."""
     pg, _, world = _resolve(group)
     xs = x.movedim(dim, 0)
-    lengths = funcol.all_gather_tensor(torch.tensor([xs.size(0)], device=x.device), 0, pg)
+    lengths = funcol.all_gather_single(torch.tensor([xs.size(0)], device=x.device), 0, pg)
     lengths = [int(n) for n in funcol.wait_tensor(lengths).tolist()]
     longest = max(lengths)
     padded = torch.cat([xs, xs.new_zeros((longest - xs.size(0),) + tuple(xs.shape[1:]))])
