@@ -55,29 +55,34 @@ def run_suite(suite: str, world: int = 2) -> str:
     return log
 
 
+def passed(log: str) -> int:
+    """The number of cases reported passed (each rank prints one line per case)."""
+    return sum(line.startswith("ok ") for line in log.splitlines())
+
+
 def test_scan_exact_against_one_process():
     """Even, uneven, empty first/last chunk, one token per rank, masks across the boundary,
     everything masked, scores x1e4, float32; one all-gather forward and one reduce-scatter
     backward of B x H x (D + 1) float64 values; frozen inputs on one rank; errors."""
     log = run_suite("scan")
-    assert log.count("ok ") == 2 * 16, log
+    assert passed(log) == 2 * 15, log
 
 
 def test_checkpointing_and_compile():
     log = run_suite("checkpoint_compile")
-    assert log.count("ok ") == 2 * 3, log
+    assert passed(log) == 2 * 3, log
 
 
 def test_modules_context_parallel():
     log = run_suite("modules")
-    assert log.count("ok ") == 2 * 5, log
+    assert passed(log) == 2 * 5, log
 
 
 def test_ddp_fsdp2_and_context_parallel_training():
     log = run_suite("data_parallel")
-    assert log.count("ok ") == 2 * 5, log
+    assert passed(log) == 2 * 5, log
 
 
 def test_dtensor_over_heads():
     log = run_suite("dtensor")
-    assert log.count("ok ") == 2 * 4, log
+    assert passed(log) == 2 * 4, log

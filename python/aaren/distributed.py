@@ -74,6 +74,17 @@ def _combine(lse_a: Tensor, out_a: Tensor, lse_b: Tensor, out_b: Tensor,
     return lse, w_a * out_a.to(dtype) + w_b * out_b.to(dtype)
 
 
+def _fix_up(lse_in: Tensor, out_in: Tensor, lse: Tensor, out: Tensor) -> Tensor:
+    """A chunk's outputs out [B, N, H, D] (per-token lse [B, N, H], float64, both from a scan
+    of the chunk alone) given the incoming state (lse_in [B, H], out_in [B, H, D]): each
+    token's partial result combined with the state, in the values' dtype (weights in float64,
+    the weighted sum in float32 at least). Two elementwise passes over the outputs (read,
+    write) that a scan started from the state would not need (benchmarks/
+    bench_context_parallel.py)."""
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    return _combine(lse_in.unsqueeze(1), out_in.unsqueeze(1), lse, out, dtype)[1].to(out.dtype)
+
+
 def scan(scores: Tensor, values: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None, *,
          group: Group = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """`aaren.scan` over a sequence split across the ranks of `group` (context parallelism).
@@ -149,9 +160,8 @@ def scan(scores: Tensor, values: Tensor, state: Optional[Tuple[Tensor, Tensor]] 
     _, (lse_in, out_in) = _local_scan(chunk_lse.permute(1, 0, 2), gathered[..., :dim].permute(1, 0, 2, 3))
 
     # 4. The fix-up: every output, and the state after the chunk.
-    dtype = torch.promote_types(values.dtype, torch.float32)
     if n > 0:
-        out = _combine(lse_in.unsqueeze(1), out_in.unsqueeze(1), lse, out, dtype)[1].to(values.dtype)
+        out = _fix_up(lse_in, out_in, lse, out)
     else:  # keep the (empty) outputs connected to the gathered tensor
         out = out + out_in.unsqueeze(1)[:, :0].to(out.dtype)
     final = _combine(lse_in, out_in, summary[0].to(torch.float64),
