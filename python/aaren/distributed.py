@@ -57,10 +57,12 @@ def _combine(lse_a: Tensor, out_a: Tensor, lse_b: Tensor, out_b: Tensor,
     L = logaddexp(L_A, L_B), out = e^(L_A - L) out_A + e^(L_B - L) out_B, broadcasting.
 
     lse_* are float64; the weights are formed in float64, the weighted sum of the outputs in
-    `dtype`. Where both are empty (L = -inf) the result is (-inf, 0) and every gradient 0:
-    the -inf guards come before any exp (a torch.where after it would still give NaN
-    gradients). A hand-written operator rather than aaren.scan with a state because it is
-    elementwise over every token of the chunk (the scan would recompute the chunk)."""
+    `dtype`, as one `torch.lerp(out_A, out_B, w_B)` (w_A = 1 - w_B): one pass over the
+    outputs rather than three. Where both are empty (L = -inf) the result is (-inf, out_A)
+    with every gradient 0, and out_A is then 0 (an empty result's out). The -inf guards come
+    before any exp (a torch.where after it would still give NaN gradients). Written here
+    rather than as aaren.scan with a state because it is elementwise over every token of the
+    chunk (a scan would recompute the chunk)."""
     m = torch.maximum(lse_a, lse_b).detach()  # a stabilizer only: the result does not depend on it
     empty = m == float("-inf")
     m = torch.where(empty, torch.zeros_like(m), m)
@@ -69,9 +71,8 @@ def _combine(lse_a: Tensor, out_a: Tensor, lse_b: Tensor, out_b: Tensor,
     total = w_a + w_b
     total = torch.where(empty, torch.ones_like(total), total)  # >= 1 elsewhere
     lse = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(total))
-    w_a = (w_a / total).to(dtype).unsqueeze(-1)
-    w_b = (w_b / total).to(dtype).unsqueeze(-1)
-    return lse, w_a * out_a.to(dtype) + w_b * out_b.to(dtype)
+    weight = (w_b / total).to(dtype).unsqueeze(-1)
+    return lse, torch.lerp(out_a.to(dtype), out_b.to(dtype), weight)
 
 
 def _fix_up(lse_in: Tensor, out_in: Tensor, lse: Tensor, out: Tensor) -> Tensor:
