@@ -47,7 +47,8 @@ class CountCollectives(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
         # the communicating ops only (not wait_tensor, nor the autograd wrapper _wrap_*)
-        if func.namespace == "_c10d_functional" and not name.startswith(("wait", "_")):
+        # (older torch routes the autograd collectives through _c10d_functional_autograd)
+        if func.namespace.startswith("_c10d_functional") and not name.startswith(("wait", "_")):
             self.calls.append((name, tuple(args[0].shape), args[0].dtype))
         return func(*args, **(kwargs or {}))
 
@@ -174,7 +175,7 @@ def suite_checkpoint_compile(rank, world):
                                         create_selective_checkpoint_contexts)
 
     def save_collectives(ctx, func, *args, **kwargs):
-        if func.namespace == "_c10d_functional":
+        if func.namespace.startswith("_c10d_functional"):
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -27,6 +27,12 @@ from .functional import scan as _local_scan
 __all__ = ["scan", "shard_sequence", "unshard_sequence", "context_parallel",
            "ContextParallel", "register_dtensor_sharding"]
 
+# The functional collectives' names: all_gather_single(_autograd) since torch 2.15, which
+# deprecates all_gather_tensor(_autograd), the only names in older versions (2.11 - 2.14).
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_all_gather_autograd = (getattr(funcol, "all_gather_single_autograd", None)
+                        or funcol.all_gather_tensor_autograd)
+
 Group = Union[dist.ProcessGroup, "torch.distributed.device_mesh.DeviceMesh", None]
 
 
@@ -149,7 +155,7 @@ def scan(scores: Tensor, values: Tensor, state: Optional[Tuple[Tensor, Tensor]] 
         packed = packed.detach().requires_grad_()
 
     # 2. One all-gather of the summaries: [W * B, H, D + 1] (gloo takes only this layout).
-    gathered = funcol.wait_tensor(funcol.all_gather_single_autograd(packed, 0, pg))
+    gathered = funcol.wait_tensor(_all_gather_autograd(packed, 0, pg))
     gathered = gathered.view(world, batch, heads, dim + 1)
 
     # 3. The incoming state: the summaries of the ranks before this one, combined by the scan
@@ -188,11 +194,11 @@ def unshard_sequence(x: Tensor, group: Group = None, dim: int = 1) -> Tensor:
     then the chunks padded to the longest): for evaluation and tests rather than every step."""
     pg, _, world = _resolve(group)
     xs = x.movedim(dim, 0)
-    lengths = funcol.all_gather_single(torch.tensor([xs.size(0)], device=x.device), 0, pg)
+    lengths = _all_gather(torch.tensor([xs.size(0)], device=x.device), 0, pg)
     lengths = [int(n) for n in funcol.wait_tensor(lengths).tolist()]
     longest = max(lengths)
     padded = torch.cat([xs, xs.new_zeros((longest - xs.size(0),) + tuple(xs.shape[1:]))])
-    gathered = funcol.wait_tensor(funcol.all_gather_single_autograd(padded.contiguous(), 0, pg))
+    gathered = funcol.wait_tensor(_all_gather_autograd(padded.contiguous(), 0, pg))
     pieces = [gathered[i * longest:i * longest + n] for i, n in enumerate(lengths)]
     return torch.cat(pieces).movedim(0, dim)
 
