@@ -256,6 +256,17 @@ def suite_modules(rank, world):
             print("ok context parallel encoder", "batch_first" if batch_first else "seq_first",
                   how, flush=True)
 
+    # Per layer: exactly one all-gather forward and one reduce-scatter backward.
+    x_local = ad.shard_sequence(x, dim=seq_dim)  # the last model above: sequence-first
+    with CountCollectives() as forward:
+        y = model(x_local)
+    with CountCollectives() as backward:
+        y.sum().backward()
+    layers = len(model.layers)
+    assert forward.calls == [("all_gather_into_tensor", (B, 2, 5), F64)] * layers, forward.calls
+    assert backward.calls == [("reduce_scatter_tensor", (world * B, 2, 5), F64)] * layers, backward.calls
+    print("ok one all-gather and one reduce-scatter per layer", flush=True)
+
     ad.context_parallel(model, group=False)  # off again: the whole sequence on each rank
     close(model(x), ref(x).detach(), "context parallelism turned off")
     script = torch.jit.script(copy.deepcopy(ref))

@@ -75,7 +75,7 @@ def test_checkpointing_and_compile():
 
 def test_modules_context_parallel():
     log = run_suite("modules")
-    assert passed(log) == 2 * 5, log
+    assert passed(log) == 2 * 6, log
 
 
 def test_ddp_fsdp2_and_context_parallel_training():

@@ -85,9 +85,9 @@ def _fix_up(lse_in: Tensor, out_in: Tensor, lse: Tensor, out: Tensor) -> Tensor:
     """A chunk's outputs out [B, N, H, D] (per-token lse [B, N, H], float64, both from a scan
     of the chunk alone) given the incoming state (lse_in [B, H], out_in [B, H, D]): each
     token's partial result combined with the state, in the values' dtype (weights in float64,
-    the weighted sum in float32 at least). Two elementwise passes over the outputs (read,
-    write) that a scan started from the state would not need (benchmarks/
-    bench_context_parallel.py)."""
+    the weighted sum in float32 at least): one torch.lerp pass over the outputs, and float64
+    elementwise work per token, that a scan started from the state would not need
+    (benchmarks/bench_context_parallel.py measures it)."""
     dtype = torch.promote_types(out.dtype, torch.float32)
     return _combine(lse_in.unsqueeze(1), out_in.unsqueeze(1), lse, out, dtype)[1].to(out.dtype)
 
