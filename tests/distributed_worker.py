@@ -418,10 +418,12 @@ def main():
         torch.set_default_device(DEVICE)
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    try:
-        SUITES[suite](dist.get_rank(), dist.get_world_size())
-    finally:
-        dist.destroy_process_group()
+    SUITES[suite](dist.get_rank(), dist.get_world_size())
+    # Neither rank tears its connections down while the other may still use them (seen as
+    # "terminate called without an active exception" in gloo at exit). On a failure the
+    # process exits with the exception instead, and the other rank's collectives fail.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
