@@ -197,7 +197,38 @@ def suite_checkpoint_compile(rank, world):
 
     compiled = torch.compile(ad.scan, fullgraph=True)
     scan_case(rank, world, [20, 17], state=True, mask=(15, 25), fn=compiled)
+    # Inputs that need no gradient on rank 0 (the summary then gets its grad from a leaf
+    # made outside the graph): no graph break, and rank 1's backward does not hang.
+    s = torch.randn(B, 9, H, dtype=F64, device=DEVICE).requires_grad_(rank == 1)
+    v = torch.randn(B, 9, H, D, dtype=F64, device=DEVICE).requires_grad_(rank == 1)
+    out, _ = compiled(s, v)
+    out.sum().backward()
+    if rank == 1:
+        grads = (s.grad, v.grad)
+        s.grad = v.grad = None
+    out, _ = ad.scan(s, v)
+    out.sum().backward()
+    if rank == 1:
+        close(grads[0], s.grad, "compiled, frozen rank 0: grad scores")
+        close(grads[1], v.grad, "compiled, frozen rank 0: grad values")
     print("ok torch.compile(fullgraph=True)", flush=True)
+
+    # A context-parallel encoder layer compiled whole.
+    torch.manual_seed(3)
+    layer = encoder().layers[0]
+    ref = copy.deepcopy(layer)
+    ad.context_parallel(layer)
+    x = torch.randn(B, 13, 8, dtype=F64, device=DEVICE)
+    y = torch.compile(layer, fullgraph=True)(ad.shard_sequence(x))
+    y_ref = ref(x)
+    close(y, ad.shard_sequence(y_ref).detach(), "compiled context-parallel layer")
+    y.sum().backward()
+    y_ref.sum().backward()
+    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        close(grad, p_ref.grad, f"compiled context-parallel layer: grad {name}")
+    print("ok torch.compile(fullgraph=True) of a context-parallel layer", flush=True)
 
 
 # ------------------------------------------------------------------ modules

@@ -70,7 +70,7 @@ def test_scan_exact_against_one_process():
 
 def test_checkpointing_and_compile():
     log = run_suite("checkpoint_compile")
-    assert passed(log) == 2 * 3, log
+    assert passed(log) == 2 * 4, log
 
 
 def test_modules_context_parallel():

@@ -33,6 +33,14 @@ _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_te
 _all_gather_autograd = (getattr(funcol, "all_gather_single_autograd", None)
                         or funcol.all_gather_tensor_autograd)
 
+# A float64 zero that requires grad, added to a summary that does not, so that the rank's
+# outputs require grad and its backward runs the reduce-scatter. A leaf made here, outside
+# any compiled region (torch.compile cannot make one, nor call requires_grad_ on an
+# intermediate); 0-dim on the CPU, so it adds to tensors on any device; its gradient is
+# dropped as soon as it is accumulated.
+_GRAD_ANCHOR = torch.zeros((), dtype=torch.float64, requires_grad=True)
+_GRAD_ANCHOR.register_post_accumulate_grad_hook(lambda anchor: setattr(anchor, "grad", None))
+
 Group = Union[dist.ProcessGroup, "torch.distributed.device_mesh.DeviceMesh", None]
 
 
@@ -152,7 +160,7 @@ def scan(scores: Tensor, values: Tensor, state: Optional[Tuple[Tensor, Tensor]] 
     if torch.is_grad_enabled() and not packed.requires_grad:
         # Every rank must take part in the backward reduce-scatter, also one whose own inputs
         # need no gradient (an empty chunk, frozen inputs): its outputs depend on the others'.
-        packed = packed.detach().requires_grad_()
+        packed = packed + _GRAD_ANCHOR
 
     # 2. One all-gather of the summaries: [W * B, H, D + 1] (gloo takes only this layout).
     gathered = funcol.wait_tensor(_all_gather_autograd(packed, 0, pg))
