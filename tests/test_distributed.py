@@ -86,3 +86,19 @@ def test_ddp_fsdp2_and_context_parallel_training():
 def test_dtensor_over_heads():
     log = run_suite("dtensor")
     assert passed(log) == 2 * 4, log
+
+
+def test_errors_without_a_process_group():
+    """In this process (no process group): a clear error, before any communication."""
+    import aaren
+    import aaren.distributed as ad
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    s, v = torch.randn(1, 4, 2), torch.randn(1, 4, 2, 3)
+    for call in (lambda: ad.scan(s, v), lambda: ad.shard_sequence(s),
+                 lambda: ad.unshard_sequence(s),
+                 lambda: ad.context_parallel(aaren.Aaren(4, 2))):
+        with pytest.raises(RuntimeError, match="not initialized"):
+            call()
+    with pytest.raises(TypeError, match="holds no aaren.Aaren"):
+        ad.context_parallel(torch.nn.Linear(2, 2), group=False)
