@@ -12,7 +12,8 @@ FSDP2 (`fully_shard`) shards the parameters over the same ranks and sums (not av
 gradients, since each rank's loss is its share of the whole sequence's mean.
 
 Rank 0 also trains an identical copy in this one process on the whole sequence, with the same
-data, and the two loss curves must agree step by step (float64: to ~1e-12).
+data, and the two loss curves must agree step by step (float64; measured: within 4e-16
+relative, the check allows 1e-9).
 
 Run: torchrun --nproc-per-node 2 examples/train_context_parallel.py   (CPU, gloo; ~20 s)
 """
