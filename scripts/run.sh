@@ -88,6 +88,9 @@ run_tests() {
   python examples/train_and_stream.py
   log "CPU benchmark, smoke mode (tiny sizes; checks outputs and figures)"
   python benchmarks/bench_scan_cpu.py --smoke
+  log "context parallelism: 2 processes (the loss curve must follow one process's), benchmark smoke mode"
+  python -m torch.distributed.run --nproc-per-node 2 examples/train_context_parallel.py
+  python benchmarks/bench_context_parallel.py --smoke
 }
 
 timed() {  # timed NAME COMMAND...: runs it and reports its wall time

@@ -288,11 +288,25 @@ class Aaren(nn.Module):
             values = values.transpose(0, 1)
         values = self._drop_tokens(values)
         scores = _key_padding_to_scores(scores.to(values.dtype), key_padding_mask)
-        out, new_state = _scan(scores, values, state)  # out [B, N, H, hd], contiguous
+        if torch.jit.is_scripting():
+            out, new_state = _scan(scores, values, state)  # out [B, N, H, hd], contiguous
+        else:
+            out, new_state = self._scan_in_python(scores, values, state)
         y = self.out_proj(out.flatten(2))
         if not batch_first:
             y = y.transpose(0, 1)
         return y, new_state
+
+    @torch.jit.unused
+    def _scan_in_python(self, scores: Tensor, values: Tensor,
+                        state: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """`aaren.scan`, or `aaren.distributed.scan` over the sequence-parallel group that
+        `aaren.distributed.context_parallel` set (docs/distributed.md)."""
+        parallel = self.__dict__.get("_context_parallel")
+        if parallel is None:
+            return _scan(scores, values, state)
+        from .distributed import scan as _distributed_scan
+        return _distributed_scan(scores, values, state, group=parallel[0])
 
     @torch.jit.unused
     def _forward_nested(self, query: Tensor, key: Tensor, value: Tensor,
