@@ -115,6 +115,12 @@ def measure(E, layers, batch, tokens, compile_step):
                     _, cache = transformer.step(x, cache)
                 times["aaren first"].append(timed(aaren_one))
                 times["transformer first"].append(timed(transformer_one))
+    # Every variant streamed the same tokens: their states must agree (to the rounding).
+    for name in ("scripted", "compiled"):
+        if states[name] is not None:
+            for (lse, out), (lse_ref, out_ref) in zip(states[name], states["eager"]):
+                torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     medians = {name: statistics.median(ts) if ts else None for name, ts in times.items()}
     spread = {name: (statistics.quantiles(ts, n=10)[8] / statistics.median(ts) if len(ts) >= 10 else None)
               for name, ts in times.items()}
@@ -158,6 +164,10 @@ def main():
         print("| " + " | ".join(str(x) for x in row) + " |")
     if args.profile:
         profile_eager(*((16, 1) if args.smoke else (64, 2)))
+    if args.smoke:  # every figure a positive number (the streams agreed: checked in measure)
+        bad = [cell for row in rows for cell in row[3:] if not float(str(cell).rstrip("x")) > 0]
+        print("smoke check " + (f"FAILED: {bad}" if bad else "passed"))
+        return 1 if bad else 0
     return 0
 
 

@@ -86,6 +86,8 @@ run_tests() {
   python examples/train_and_stream.py
   log "CPU benchmark, smoke mode (tiny sizes; checks outputs and figures)"
   python benchmarks/bench_scan_cpu.py --smoke
+  log "step latency benchmark, smoke mode (checks that it runs)"
+  python benchmarks/bench_step_cpu.py --smoke
 }
 
 timed() {  # timed NAME COMMAND...: runs it and reports its wall time
