@@ -9,17 +9,24 @@ For each (B, N, H, D, dtype) it reports, measured in one run (medians of repeate
     cost of allocating and first touching its output: on Linux a tensor of 32 MiB or
     more is a fresh mmap on every allocation, and its page faults can cost more than
     the scan itself;
+  - the same kernels with the sequence left whole (AAREN_CPU_SEQUENCE_CHUNKS=1), against the
+    kernels' own choice: what splitting long sequences into chunks buys (docs/design.md,
+    "Performance on the CPU"; rows with enough batch x heads are not split, and read ~1x);
   - speedups against a pure-PyTorch Hillis-Steele scan (aaren.reference) and against
     scaled_dot_product_attention(is_causal=True) with the same query at every position,
-    forward and forward+backward (through autograd, allocating, as users run them).
+    forward and forward+backward (through autograd, allocating, as users run them); not
+    measured past N = 16384, where causal attention's N^2 work takes hours ("-").
 
     python benchmarks/bench_scan_cpu.py            # the grid, a few minutes
     python benchmarks/bench_scan_cpu.py --quick    # the headline shape only
+    python benchmarks/bench_scan_cpu.py --shapes 1x16384x2x64,1x262144x1x64 --dtypes float32
     python benchmarks/bench_scan_cpu.py --smoke    # tiny, in seconds: checks the script runs,
                                                    # its outputs and its figures (CI runs it)
 """
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -36,7 +43,9 @@ GRID = [
     (4, 1024, 8, 64),
     (8, 2048, 16, 32),
     (1, 16384, 2, 64),
+    (1, 262144, 1, 64),
 ]
+BASELINE_MAX_LENGTH = 16384
 HEADLINE = (4, 4096, 8, 64)
 
 
@@ -51,6 +60,20 @@ def median_seconds(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def sequence_chunks(count):
+    """The CPU kernels' chunk count per sequence (0: their own choice), for the block."""
+    saved = os.environ.get("AAREN_CPU_SEQUENCE_CHUNKS")
+    os.environ["AAREN_CPU_SEQUENCE_CHUNKS"] = str(count)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["AAREN_CPU_SEQUENCE_CHUNKS"]
+        else:
+            os.environ["AAREN_CPU_SEQUENCE_CHUNKS"] = saved
+
+
 def measure(B, N, H, D, dtype, repeats, baseline_repeats):
     torch.manual_seed(0)
     scores = torch.randn(B, N, H, dtype=dtype)
@@ -63,13 +86,19 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
              torch.empty(B, H, dtype=torch.float64), torch.empty(B, H, D, dtype=torch.float64)]
     copy_target = torch.empty_like(values)
 
+    def forward():
+        torch.ops.aaren.scan_forward_into(scores, values, None, None, out, lse, final_out)
+
+    def backward():
+        torch.ops.aaren.scan_backward_into(grad_out, None, scores, values, out, lse, None, None, *grads)
+
     t_copy = median_seconds(lambda: copy_target.copy_(values), repeats)
-    t_forward = median_seconds(
-        lambda: torch.ops.aaren.scan_forward_into(scores, values, None, None, out, lse, final_out),
-        repeats)
-    t_backward = median_seconds(
-        lambda: torch.ops.aaren.scan_backward_into(grad_out, None, scores, values, out, lse,
-                                                   None, None, *grads), repeats)
+    with sequence_chunks(0):
+        t_forward = median_seconds(forward, repeats)
+        t_backward = median_seconds(backward, repeats)
+    with sequence_chunks(1):
+        t_forward_whole = median_seconds(forward, repeats)
+        t_backward_whole = median_seconds(backward, repeats)
     t_scan_allocating = median_seconds(lambda: aaren.scan(scores, values), repeats)
     t_allocate = median_seconds(lambda: torch.empty_like(values).fill_(0), repeats)
 
@@ -100,10 +129,13 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
         aaren.scan(s, v)[0].backward(grad_out)
 
     t_aaren_fb_autograd = median_seconds(aaren_forward_backward, baseline_repeats)
-    t_hs = median_seconds(lambda: hillis_steele_scan(scores, values), baseline_repeats)
-    t_hs_fb = median_seconds(hillis_steele_forward_backward, baseline_repeats)
-    t_sdpa = median_seconds(lambda: sdpa(False), baseline_repeats)
-    t_sdpa_fb = median_seconds(lambda: sdpa(True), baseline_repeats)
+    if N <= BASELINE_MAX_LENGTH:
+        t_hs = median_seconds(lambda: hillis_steele_scan(scores, values), baseline_repeats)
+        t_hs_fb = median_seconds(hillis_steele_forward_backward, baseline_repeats)
+        t_sdpa = median_seconds(lambda: sdpa(False), baseline_repeats)
+        t_sdpa_fb = median_seconds(lambda: sdpa(True), baseline_repeats)
+    else:
+        t_hs = t_hs_fb = t_sdpa = t_sdpa_fb = None
 
     return {
         "shape": f"{B}x{N}x{H}x{D}", "dtype": str(dtype).replace("torch.", ""),
@@ -112,11 +144,17 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
         "fwd_GBs": forward_bytes / t_forward / 1e9, "bwd_GBs": backward_bytes / t_backward / 1e9,
         "copy_GBs": copy_bytes / t_copy / 1e9,
         "fwd_vs_copy": t_forward / t_copy, "fwdbwd_vs_copy": (t_forward + t_backward) / t_copy,
+        "x_whole_fwd": t_forward_whole / t_forward,
+        "x_whole_fb": (t_forward_whole + t_backward_whole) / (t_forward + t_backward),
         "scan_alloc_ms": 1e3 * t_scan_allocating, "alloc_ms": 1e3 * t_allocate,
         "fb_autograd_ms": 1e3 * t_aaren_fb_autograd,
-        "x_hillis_fwd": t_hs / t_scan_allocating, "x_hillis_fb": t_hs_fb / t_aaren_fb_autograd,
-        "x_sdpa_fwd": t_sdpa / t_scan_allocating, "x_sdpa_fb": t_sdpa_fb / t_aaren_fb_autograd,
+        "x_hillis_fwd": ratio(t_hs, t_scan_allocating), "x_hillis_fb": ratio(t_hs_fb, t_aaren_fb_autograd),
+        "x_sdpa_fwd": ratio(t_sdpa, t_scan_allocating), "x_sdpa_fb": ratio(t_sdpa_fb, t_aaren_fb_autograd),
     }
+
+
+def ratio(baseline, ours):
+    return None if baseline is None else baseline / ours
 
 
 COLUMNS = [
@@ -124,6 +162,7 @@ COLUMNS = [
     ("copy_ms", "copy ms", "{:.2f}"), ("fwd_ms", "fwd ms", "{:.2f}"), ("bwd_ms", "bwd ms", "{:.2f}"),
     ("copy_GBs", "copy GB/s", "{:.1f}"), ("fwd_GBs", "fwd GB/s", "{:.1f}"), ("bwd_GBs", "bwd GB/s", "{:.1f}"),
     ("fwd_vs_copy", "fwd / copy", "{:.2f}x"), ("fwdbwd_vs_copy", "fwd+bwd / copy", "{:.2f}x"),
+    ("x_whole_fwd", "vs unsplit fwd", "{:.2f}x"), ("x_whole_fb", "vs unsplit fwd+bwd", "{:.2f}x"),
     ("scan_alloc_ms", "scan() ms (allocating)", "{:.2f}"), ("alloc_ms", "alloc+touch out ms", "{:.2f}"),
     ("fb_autograd_ms", "fwd+bwd autograd ms", "{:.2f}"),
     ("x_hillis_fwd", "vs Hillis-Steele fwd", "{:.0f}x"), ("x_hillis_fb", "vs Hillis-Steele fwd+bwd", "{:.0f}x"),
@@ -135,20 +174,30 @@ def print_table(rows):
     print("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for row in rows:
-        print("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+        print("| " + " | ".join("-" if row[key] is None else fmt.format(row[key])
+                                for key, _, fmt in COLUMNS) + " |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the headline shape only")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
+    parser.add_argument("--shapes", help="comma-separated BxNxHxD rows instead of the grid")
+    parser.add_argument("--dtypes", help="comma-separated dtypes (default float32,bfloat16)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.smoke:
         grid, dtypes, repeats, baseline_repeats = [(2, 64, 2, 8)], [torch.float32], 2, 1
     elif args.quick:
         grid, dtypes, repeats, baseline_repeats = [HEADLINE], [torch.float32], 9, 2
     else:
         grid, dtypes, repeats, baseline_repeats = GRID, [torch.float32, torch.bfloat16], 9, 2
+    if args.shapes:
+        grid = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+    if args.dtypes:
+        dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     info = aaren.build_info()
     print(f"aaren {info['version']} CPU benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"ISA {info['cpu_isa_selected']}; medians of {repeats} (kernels) / {baseline_repeats} (baselines) runs")
@@ -184,7 +233,7 @@ def smoke_check(rows):
                 problems.append(f"{name} {dtype}: max |error| {error:.2e} against hillis_steele_scan")
     for row in rows:
         for key, value in row.items():
-            if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+            if value is None or (isinstance(value, float) and not (math.isfinite(value) and value > 0)):
                 problems.append(f"{row['shape']} {row['dtype']}: {key} = {value}")
     for problem in problems:
         print(f"smoke check FAILED: {problem}")

@@ -91,6 +91,8 @@ run_tests() {
   log "context parallelism: 2 processes (the loss curve must follow one process's), benchmark smoke mode"
   python -m torch.distributed.run --nproc-per-node 2 examples/train_context_parallel.py
   python benchmarks/bench_context_parallel.py --smoke
+  log "step latency benchmark, smoke mode (checks that it runs)"
+  python benchmarks/bench_step_cpu.py --smoke
 }
 
 timed() {  # timed NAME COMMAND...: runs it and reports its wall time

@@ -27,6 +27,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <string>
@@ -412,6 +413,29 @@ TEST(EmulatedScanAccuracy, Float32ForwardWithinCpuError) {
   }
 }
 
+// The CPU kernels with every sequence in one pass (AAREN_CPU_SEQUENCE_CHUNKS=1) for the
+// scope: the bar the GPU's float32 error is held to is the one-pass streaming sum's. (Split
+// into chunks, the CPU's sums are partly pairwise and more accurate at long N.)
+class UnsplitCpuScope {
+ public:
+  UnsplitCpuScope() {
+    const char* old = std::getenv(kName);
+    saved_ = old == nullptr ? std::nullopt : std::optional<std::string>(old);
+    setenv(kName, "1", 1);
+  }
+  ~UnsplitCpuScope() {
+    if (saved_) {
+      setenv(kName, saved_->c_str(), 1);
+    } else {
+      unsetenv(kName);
+    }
+  }
+
+ private:
+  static constexpr const char* kName = "AAREN_CPU_SEQUENCE_CHUNKS";
+  std::optional<std::string> saved_;
+};
+
 // The backward's error in float32 against float64, next to the CPU kernel's, for
 // grad_values and grad_scores: normwise, max |error| / max |reference| and
 // ||error||_2 / ||reference||_2. The CUDA backward multiplies the gates e^(L_i - L_{i+1})
@@ -419,6 +443,7 @@ TEST(EmulatedScanAccuracy, Float32ForwardWithinCpuError) {
 // with N. Both kernels from float32 forward outputs of their own; the emulated GPU either
 // large (the sequences are chunked, as a real GPU would) or small (one pass over each).
 TEST(EmulatedScanAccuracy, Float32BackwardVsFloat64) {
+  const UnsplitCpuScope unsplit_cpu;
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   const auto max_relative = [](const at::Tensor& got, const at::Tensor& ref) {
     return (got.to(at::kDouble) - ref).abs().max().item<double>() / ref.abs().max().item<double>();

@@ -151,4 +151,52 @@ AAREN_HOST_DEVICE T lower_reference(double& reference, double lse) {
   return factor;
 }
 
+// ---- Chunk summaries, for a sequence split into chunks --------------------------
+// A chunk summarized from an empty start is the partial result (L, o) of its tokens, and
+// consecutive chunks combine as any two partial results (the top of this file): the
+// weights e^(L_A - L), e^(L_B - L) of the earlier and the later, and L = logaddexp(L_A, L_B).
+// An empty side (L = -inf) takes weight 0 and the other side weight 1 exactly; NaN in
+// either gives NaN. In float64: chunk summaries are combined once per chunk, not per token.
+struct CombineWeights {
+  double lse;
+  double weight_a;
+  double weight_b;
+};
+
+AAREN_HOST_DEVICE CombineWeights combine_weights(double lse_a, double lse_b) {
+  if (lse_b == negative_infinity<double>()) {
+    return {lse_a, 1.0, 0.0};
+  }
+  if (lse_a == negative_infinity<double>()) {
+    return {lse_b, 0.0, 1.0};
+  }
+  const double top = lse_a > lse_b ? lse_a : lse_b;  // NaN in lse_a: top = lse_b, NaN below
+  const double weight_a = std::exp(lse_a - top);
+  const double weight_b = std::exp(lse_b - top);
+  const double sum = weight_a + weight_b;
+  return {top + std::log(sum), weight_a / sum, weight_b / sum};
+}
+
+// The backward's suffix sums (S, P above) of two runs of tokens, each held against its own
+// reference r_own: S = sum e^(r_own - L_j) g_j is the same sum against r when multiplied by
+// e^(r - r_own). Both move to the lower reference, so the factors are <= 1 and every term
+// stays below e^gap (L rises along the sequence: the earlier run's reference is the lower).
+// Returns the common reference and the two factors; an empty side (r = -inf) gets 0.
+struct ReferenceFactors {
+  double reference;
+  double factor_a;
+  double factor_b;
+};
+
+AAREN_HOST_DEVICE ReferenceFactors common_reference(double reference_a, double reference_b) {
+  if (reference_b == negative_infinity<double>()) {
+    return {reference_a, 1.0, 0.0};
+  }
+  if (reference_a == negative_infinity<double>()) {
+    return {reference_b, 0.0, 1.0};
+  }
+  const double low = reference_a < reference_b ? reference_a : reference_b;
+  return {low, std::exp(low - reference_a), std::exp(low - reference_b)};
+}
+
 }  // namespace aaren

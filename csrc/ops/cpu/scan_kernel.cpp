@@ -2,9 +2,10 @@
 // instruction set (as PyTorch compiles its own kernels: DEFAULT, AVX2, AVX512), each
 // time into the namespace named by CPU_CAPABILITY; scan_cpu.cpp picks one at run time.
 //
-// Work is split over the B x H independent sequences with at::parallel_for; each
-// sequence is one streaming pass over its tokens, vectorized over D, with the running
-// output kept in an accumulator of the accumulation type (float32 for half types).
+// Work is split over the B x H independent sequences (and, when they are too few to keep
+// every thread busy, over chunks of each sequence: see "The split of the work") with
+// at::parallel_for; each is one streaming pass over its tokens, vectorized over D, with the
+// running output kept in an accumulator of the accumulation type (float32 for half types).
 #include "ops/cpu/scan_kernel.h"
 
 #include <ATen/Dispatch.h>
@@ -14,6 +15,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "aaren/combine.h"
@@ -66,25 +68,95 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   }
 };
 
-// Work is split into tasks of (batch, run of heads). Within a task the loop runs over
-// tokens and, inside that, over the task's heads: rows [b, n, h0:h1, :] are adjacent in
-// the [B, N, H, D] layout, so a task streams through memory as a copy does (one sequence
-// at a time would jump H*D elements per token, defeating the hardware prefetchers), and
-// the heads' independent recurrences overlap their exp/log latencies.
-struct TaskSplit {
-  int64_t heads_per_task;
-  int64_t tasks_per_batch;
-  int64_t grain;  // tasks per thread at least, so small problems stay on one thread
+
+// ---- The split of the work ----------------------------------------------------------
+// The kernels run over lanes: a lane is one (batch, head) sequence, or a chunk of one (a run
+// of consecutive tokens). Lanes are grouped into tasks for at::parallel_for, and within a
+// task the loop runs over tokens and, inside that, over the task's lanes, whose independent
+// recurrences overlap their exp/log latencies. Unsplit (one chunk per sequence), a task's
+// lanes are a run of heads of one batch: rows [b, n, h0:h1, :] are adjacent in the
+// [B, N, H, D] layout, so a task streams through memory as a copy does (one sequence at a
+// time would jump H*D elements per token, defeating the hardware prefetchers).
+//
+// When batch x heads is too few lanes to give every thread tasks of several lanes (a long
+// single sequence: one thread, one dependent chain of exps), each sequence is split into
+// chunks, in the three phases of the CUDA kernels (docs/design.md, "Performance on the CPU"):
+//   1. summarize: every chunk but one from an empty start, keeping only its summary
+//      (forward: the (lse, out) of its tokens; backward: its suffix sums S, P, P');
+//   2. combine the summaries in order, per sequence (combine.h), into each chunk's carry:
+//      what the chunks before it (forward) or after it (backward) leave;
+//   3. scan every chunk from its carry, writing the outputs.
+// Lanes of a batch are numbered chunk-major, l = c H + h, so a task is a run of heads of one
+// chunk, or of several chunks when the heads are few.
+struct Plan {
+  int64_t chunks;     // per sequence, none empty
+  int64_t chunk_len;  // tokens per chunk; the last one may be shorter
+  int64_t lanes_per_task;
+  int64_t grain;      // tasks per thread at least, so small problems stay on one thread
 };
 
-TaskSplit split_tasks(int64_t batch, int64_t length, int64_t heads, int64_t head_dim) {
+// Independent recurrences one thread should interleave: enough to hide an exp's latency
+// behind the others' arithmetic (measured on AVX2: one lane runs ~2x slower per token).
+constexpr int64_t kLanesPerTask = 4;
+// The shortest chunk worth its summary (a D-row per chunk and a second read of the chunk's
+// inputs in phase 1).
+constexpr int64_t kMinChunkTokens = 512;
+constexpr int64_t kMinElementsPerTask = 1 << 15;
+
+// AAREN_CPU_SEQUENCE_CHUNKS=C splits every sequence into C chunks (at most one per token)
+// whatever its shape; 0 or unset chooses. Read per call (a getenv is cheap next to a scan), so
+// that the tests can run the split path on small problems and compare it with the unsplit one.
+int64_t forced_chunks() {
+  const char* text = std::getenv("AAREN_CPU_SEQUENCE_CHUNKS");
+  if (text == nullptr || *text == '\0') {
+    return 0;
+  }
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  TORCH_CHECK(*end == '\0' && value >= 0,
+              "AAREN_CPU_SEQUENCE_CHUNKS must be a non-negative integer, got '", text, "'");
+  return static_cast<int64_t>(value);
+}
+
+Plan plan_work(int64_t batch, int64_t length, int64_t heads, int64_t head_dim) {
   const int64_t wanted_tasks = 2 * at::get_num_threads();
-  const int64_t tasks_per_batch = std::clamp<int64_t>((wanted_tasks + batch - 1) / std::max<int64_t>(batch, 1), 1, std::max<int64_t>(heads, 1));
-  const int64_t heads_per_task = (heads + tasks_per_batch - 1) / tasks_per_batch;
-  constexpr int64_t kMinElementsPerTask = 1 << 15;
-  const int64_t task_elements = std::max<int64_t>(1, length * heads_per_task * std::max<int64_t>(head_dim, 1));
-  return {heads_per_task, (heads + heads_per_task - 1) / std::max<int64_t>(heads_per_task, 1),
+  const int64_t sequences = std::max<int64_t>(batch * heads, 1);
+  int64_t chunks = forced_chunks();
+  if (chunks == 0) {
+    const int64_t wanted_lanes = wanted_tasks * kLanesPerTask;
+    chunks = sequences >= wanted_lanes
+        ? 1
+        : std::min((wanted_lanes + sequences - 1) / sequences, length / kMinChunkTokens);
+  }
+  chunks = std::clamp<int64_t>(chunks, 1, std::max<int64_t>(length, 1));
+  const int64_t chunk_len = (std::max<int64_t>(length, 1) + chunks - 1) / chunks;
+  chunks = (std::max<int64_t>(length, 1) + chunk_len - 1) / chunk_len;  // none empty
+  const int64_t lanes = std::max<int64_t>(chunks * heads, 1);
+  const int64_t tasks_per_batch = std::clamp<int64_t>(
+      (wanted_tasks + batch - 1) / std::max<int64_t>(batch, 1), 1, lanes);
+  const int64_t lanes_per_task = (lanes + tasks_per_batch - 1) / tasks_per_batch;
+  const int64_t task_elements =
+      std::max<int64_t>(1, chunk_len * lanes_per_task * std::max<int64_t>(head_dim, 1));
+  return {chunks, chunk_len, lanes_per_task,
           std::max<int64_t>(1, kMinElementsPerTask / task_elements)};
+}
+
+// Runs fn(scratch, b, lane_begin, lane_end) for every task over lanes [0, lanes) of each
+// batch, with one Scratch per thread's run of tasks.
+template <typename Scratch, typename Fn>
+void for_each_task(const Plan& plan, int64_t batch, int64_t lanes, int64_t row_width,
+                   const Fn& fn) {
+  if (lanes <= 0 || batch <= 0) {
+    return;
+  }
+  const int64_t per_batch = (lanes + plan.lanes_per_task - 1) / plan.lanes_per_task;
+  at::parallel_for(0, batch * per_batch, plan.grain, [&](int64_t begin, int64_t end) {
+    Scratch scratch(plan.lanes_per_task, row_width);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t lane_begin = (task % per_batch) * plan.lanes_per_task;
+      fn(scratch, task / per_batch, lane_begin, std::min(lane_begin + plan.lanes_per_task, lanes));
+    }
+  });
 }
 
 int64_t padded(int64_t head_dim, int64_t width) {
@@ -133,12 +205,145 @@ void step_in_float64(const ForwardArgs& args) {
   });
 }
 
+// ---- Forward --------------------------------------------------------------------------
+
+// A task's lanes in the forward: where each starts (its first token), how many tokens it
+// has, and its online softmax (combine.h): running max m, denominator u, numerator row w.
 template <typename scalar_t>
-void forward_typed(const ForwardArgs& args) {
+struct ForwardScratch {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  std::vector<const scalar_t*> score, value;
+  std::vector<scalar_t*> out;
+  std::vector<double*> lse;
+  std::vector<int64_t> length;
+  std::vector<acc_t> running_max, denominator, numerator;
+  // A token's (m, u) per lane, in float64, turned into lse = m + log u with one vectorized
+  // float64 log over the lanes (a scalar one per lane cost as much as the rest of the forward).
+  std::vector<double> token_max, token_sum, token_lse;
+  int64_t row_width;
+
+  ForwardScratch(int64_t lanes, int64_t row_width_)
+      : score(lanes), value(lanes), out(lanes), lse(lanes), length(lanes), running_max(lanes),
+        denominator(lanes), numerator(lanes * row_width_), token_max(lanes), token_sum(lanes),
+        token_lse(lanes), row_width(row_width_) {}
+
+  // Lane j starts from the state (L0, o0) (null: the empty state), entering as (m, u, u o0)
+  // with (m, u) = max_sum_of(L0) (combine.h).
+  void enter(int64_t j, int64_t head_dim, const double* state_lse, const double* state_out) {
+    running_max[j] = negative_infinity<acc_t>();
+    denominator[j] = 0;
+    acc_t* w_row = numerator.data() + j * row_width;
+    std::fill(w_row, w_row + row_width, acc_t(0));
+    if (state_lse == nullptr) {
+      return;
+    }
+    const MaxSum<acc_t> entering = max_sum_of<acc_t>(*state_lse);
+    running_max[j] = entering.max;
+    denominator[j] = entering.sum;
+    if (entering.sum != acc_t(0)) {
+      for (int64_t d = 0; d < head_dim; ++d) {
+        w_row[d] = static_cast<acc_t>(entering.sum * state_out[d]);
+      }
+    }
+  }
+
+  // Lane j's (L, o) after its last token, unrounded: m + log u and w / u in float64.
+  double leave(int64_t j, int64_t head_dim, double* out_row) const {
+    const double inverse = reciprocal_or_zero(static_cast<double>(denominator[j]));
+    const acc_t* w_row = numerator.data() + j * row_width;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      out_row[d] = static_cast<double>(w_row[d]) * inverse;
+    }
+    return lse_of_wide(running_max[j], denominator[j]);
+  }
+};
+
+// Per-token strides of the forward's tensors, in elements.
+struct ForwardSteps {
+  int64_t score, value, out, lse;
+};
+
+// The online softmax over the lanes' tokens, from the (m, u, w) in the scratch. kOutputs:
+// writes out and lse at every token; otherwise only the final (m, u, w) matter (phase 1).
+// lanes_adjacent: the lanes' lse entries are consecutive (a run of heads of one token).
+template <typename scalar_t, bool kOutputs>
+void forward_lanes(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t head_dim,
+                   const ForwardSteps& steps, bool lanes_adjacent) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AccVec = typename IO::AccVec;
+  using DoubleVec = Vectorized<double>;
   constexpr int64_t acc_width = AccVec::size();
+  const int64_t longest = *std::max_element(t.length.begin(), t.length.begin() + lanes);
+
+  for (int64_t n = 0; n < longest; ++n) {
+    for (int64_t j = 0; j < lanes; ++j) {
+      if (n >= t.length[j]) {  // a shorter lane (the last chunk): a harmless (m, u) for the log
+        t.token_max[j] = 0;
+        t.token_sum[j] = 1;
+        continue;
+      }
+      const auto w = add_score(t.running_max[j], static_cast<acc_t>(t.score[j][n * steps.score]));
+      t.denominator[j] = w.weight_old * t.denominator[j] + w.weight_new;
+      const AccVec weight_old(w.weight_old);
+      const AccVec weight_new(w.weight_new);
+      const scalar_t* v_row = t.value[j] + n * steps.value;
+      acc_t* w_row = t.numerator.data() + j * t.row_width;
+      if constexpr (kOutputs) {
+        t.token_max[j] = t.running_max[j];
+        t.token_sum[j] = t.denominator[j];
+        const AccVec inverse(reciprocal_or_zero(t.denominator[j]));
+        scalar_t* o_row = t.out[j] + n * steps.out;
+        for (int64_t d = 0; d < head_dim; d += IO::width) {
+          const int64_t count = std::min(IO::width, head_dim - d);
+          AccVec v[IO::parts];
+          AccVec o[IO::parts];
+          IO::load(v_row + d, count, v);
+          for (int p = 0; p < IO::parts; ++p) {
+            acc_t* w_ptr = w_row + d + p * acc_width;
+            const AccVec updated = at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]);
+            updated.store(w_ptr);
+            o[p] = updated * inverse;
+          }
+          IO::store(o_row + d, count, o);
+        }
+      } else {
+        for (int64_t d = 0; d < head_dim; d += IO::width) {
+          const int64_t count = std::min(IO::width, head_dim - d);
+          AccVec v[IO::parts];
+          IO::load(v_row + d, count, v);
+          for (int p = 0; p < IO::parts; ++p) {
+            acc_t* w_ptr = w_row + d + p * acc_width;
+            at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]).store(w_ptr);
+          }
+        }
+      }
+    }
+    if constexpr (kOutputs) {
+      // lse = m + log u (combine.h, lse_of_wide): u = 0 gives log 0 = -inf with m = -inf.
+      double* lse_out = lanes_adjacent ? t.lse[0] + n * steps.lse : t.token_lse.data();
+      for (int64_t j = 0; j < lanes; j += DoubleVec::size()) {
+        const int64_t count = std::min<int64_t>(DoubleVec::size(), lanes - j);
+        const DoubleVec m = DoubleVec::loadu(t.token_max.data() + j, count);
+        const DoubleVec u = DoubleVec::loadu(t.token_sum.data() + j, count);
+        (m + u.log()).store(lse_out + j, count);
+      }
+      if (!lanes_adjacent) {
+        for (int64_t j = 0; j < lanes; ++j) {
+          if (n < t.length[j]) {
+            t.lse[j][n * steps.lse] = t.token_lse[j];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_typed(const ForwardArgs& args) {
+  using Scratch = ForwardScratch<scalar_t>;
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
 
   const int64_t batch = args.values.size(0);
   const int64_t length = args.values.size(1);
@@ -154,107 +359,109 @@ void forward_typed(const ForwardArgs& args) {
   const scalar_t* scores = args.scores.const_data_ptr<scalar_t>();
   const scalar_t* values = args.values.const_data_ptr<scalar_t>();
   scalar_t* out = args.out.mutable_data_ptr<scalar_t>();  // contiguous [B,N,H,D]
-  using state_t = double;  // the state's out (ops/scan.h)
   double* lse = args.lse.mutable_data_ptr<double>();      // contiguous [B,N,H]
-  state_t* final_out = args.final_out.mutable_data_ptr<state_t>();  // contiguous [B,H,D]
+  double* final_out = args.final_out.mutable_data_ptr<double>();  // contiguous [B,H,D]
   const auto s_strides = args.scores.strides();
   const auto v_strides = args.values.strides();
+  const ForwardSteps steps{s_strides[1], v_strides[1], heads * head_dim, heads};
 
   const bool has_state = args.state_lse.has_value();
-  const double* state_lse = has_state ? args.state_lse->const_data_ptr<double>() : nullptr;
-  const state_t* state_out = has_state ? args.state_out->const_data_ptr<state_t>() : nullptr;
+  const auto state_lse_at = [&](int64_t b, int64_t h) -> const double* {
+    return has_state ? args.state_lse->const_data_ptr<double>() + b * args.state_lse->stride(0) +
+            h * args.state_lse->stride(1)
+                     : nullptr;
+  };
+  const auto state_out_at = [&](int64_t b, int64_t h) -> const double* {
+    return has_state ? args.state_out->const_data_ptr<double>() + b * args.state_out->stride(0) +
+            h * args.state_out->stride(1)
+                     : nullptr;
+  };
 
-  const TaskSplit split = split_tasks(batch, length, heads, head_dim);
-  at::parallel_for(0, batch * split.tasks_per_batch, split.grain, [&](int64_t begin, int64_t end) {
-    // Online softmax per head (see combine.h): running max, denominator, numerator row.
-    std::vector<acc_t> running_max(split.heads_per_task);
-    std::vector<acc_t> denominator(split.heads_per_task);
-    // A token's (m, u) for the task's heads, in float64, turned into lse = m + log u with
-    // one vectorized float64 log over the heads (a scalar one per head cost as much as
-    // the rest of the forward).
-    std::vector<double> token_max(split.heads_per_task);
-    std::vector<double> token_sum(split.heads_per_task);
-    std::vector<acc_t> numerator(split.heads_per_task * row_width);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / split.tasks_per_batch;
-      const int64_t h_begin = (task % split.tasks_per_batch) * split.heads_per_task;
-      const int64_t task_heads = std::min(split.heads_per_task, heads - h_begin);
+  const Plan plan = plan_work(batch, length, heads, head_dim);
+  const int64_t chunks = plan.chunks;
+  // Lane (b, l = c H + h): chunk c of sequence (b, h), positioned at its first token.
+  const auto place = [&](Scratch& t, int64_t j, int64_t b, int64_t c, int64_t h) {
+    const int64_t n = c * plan.chunk_len;
+    t.score[j] = scores + b * s_strides[0] + n * s_strides[1] + h * s_strides[2];
+    t.value[j] = values + b * v_strides[0] + n * v_strides[1] + h * v_strides[2];
+    t.out[j] = out + ((b * length + n) * heads + h) * head_dim;
+    t.lse[j] = lse + (b * length + n) * heads + h;
+    t.length[j] = std::min(plan.chunk_len, length - n);
+  };
 
-      // The state (L0, o0) enters as (m, u, u o0) with (m, u) = max_sum_of(L0) (combine.h).
-      std::fill(numerator.begin(), numerator.end(), acc_t(0));
-      for (int64_t j = 0; j < task_heads; ++j) {
-        const int64_t h = h_begin + j;
-        running_max[j] = negative_infinity<acc_t>();
-        denominator[j] = 0;
-        if (!has_state) {
-          continue;
+  // Phases 1 and 2: each chunk's carry (L, o), the result of every token before it,
+  // [B, C, H] and [B, C, H, D] (chunk 0's is the state itself, not stored).
+  std::vector<double> carry_lse, carry_out;
+  if (chunks > 1) {
+    std::vector<double> summary_lse(batch * chunks * heads);
+    std::vector<double> summary_out(batch * chunks * heads * head_dim);
+    for_each_task<Scratch>(plan, batch, (chunks - 1) * heads, row_width,
+                           [&](Scratch& t, int64_t b, int64_t lane_begin, int64_t lane_end) {
+      for (int64_t l = lane_begin; l < lane_end; ++l) {
+        place(t, l - lane_begin, b, l / heads, l % heads);
+        t.enter(l - lane_begin, head_dim, nullptr, nullptr);
+      }
+      forward_lanes<scalar_t, false>(t, lane_end - lane_begin, head_dim, steps, false);
+      for (int64_t l = lane_begin; l < lane_end; ++l) {
+        const int64_t index = b * chunks * heads + l;
+        summary_lse[index] = t.leave(l - lane_begin, head_dim, summary_out.data() + index * head_dim);
+      }
+    });
+    carry_lse.resize(summary_lse.size());
+    carry_out.resize(summary_out.size());
+    at::parallel_for(0, batch * heads, 64, [&](int64_t begin, int64_t end) {
+      std::vector<double> running(head_dim);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / heads;
+        const int64_t h = item % heads;
+        double running_lse = has_state ? *state_lse_at(b, h) : negative_infinity<double>();
+        if (has_state) {
+          std::copy_n(state_out_at(b, h), head_dim, running.begin());
+        } else {
+          std::fill(running.begin(), running.end(), 0.0);
         }
-        const MaxSum<acc_t> entering = max_sum_of<acc_t>(
-            state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)]);
-        running_max[j] = entering.max;
-        denominator[j] = entering.sum;
-        if (entering.sum != acc_t(0)) {
-          const state_t* row = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
+        for (int64_t c = 0; c + 1 < chunks; ++c) {
+          const int64_t index = (b * chunks + c) * heads + h;
+          const CombineWeights w = combine_weights(running_lse, summary_lse[index]);
+          const double* chunk_out = summary_out.data() + index * head_dim;
           for (int64_t d = 0; d < head_dim; ++d) {
-            numerator[j * row_width + d] = static_cast<acc_t>(entering.sum * row[d]);
+            running[d] = w.weight_b == 0.0 ? running[d]
+                : w.weight_a == 0.0       ? chunk_out[d]
+                                          : w.weight_a * running[d] + w.weight_b * chunk_out[d];
           }
+          running_lse = w.lse;
+          const int64_t next = index + heads;  // chunk c + 1
+          carry_lse[next] = running_lse;
+          std::copy(running.begin(), running.end(), carry_out.begin() + next * head_dim);
         }
       }
+    });
+  }
 
-      for (int64_t n = 0; n < length; ++n) {
-        const scalar_t* score_row = scores + b * s_strides[0] + n * s_strides[1];
-        const scalar_t* value_row = values + b * v_strides[0] + n * v_strides[1];
-        const int64_t token = b * length + n;
-        for (int64_t j = 0; j < task_heads; ++j) {
-          const int64_t h = h_begin + j;
-          const auto w = add_score(running_max[j], static_cast<acc_t>(score_row[h * s_strides[2]]));
-          denominator[j] = w.weight_old * denominator[j] + w.weight_new;
-          token_max[j] = running_max[j];
-          token_sum[j] = denominator[j];
-          const AccVec weight_old(w.weight_old);
-          const AccVec weight_new(w.weight_new);
-          const AccVec inverse(reciprocal_or_zero(denominator[j]));
-          const scalar_t* v_row = value_row + h * v_strides[2];
-          scalar_t* o_row = out + (token * heads + h) * head_dim;
-          acc_t* w_row = numerator.data() + j * row_width;
-          for (int64_t d = 0; d < head_dim; d += IO::width) {
-            const int64_t count = std::min(IO::width, head_dim - d);
-            AccVec v[IO::parts];
-            AccVec o[IO::parts];
-            IO::load(v_row + d, count, v);
-            for (int p = 0; p < IO::parts; ++p) {
-              acc_t* w_ptr = w_row + d + p * acc_width;
-              const AccVec updated = at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]);
-              updated.store(w_ptr);
-              o[p] = updated * inverse;
-            }
-            IO::store(o_row + d, count, o);
-          }
-        }
-        // lse = m + log u (combine.h, lse_of_wide): u = 0 gives log 0 = -inf with m = -inf.
-        double* lse_row = lse + token * heads + h_begin;
-        using DoubleVec = Vectorized<double>;
-        for (int64_t j = 0; j < task_heads; j += DoubleVec::size()) {
-          const int64_t count = std::min<int64_t>(DoubleVec::size(), task_heads - j);
-          const DoubleVec m = DoubleVec::loadu(token_max.data() + j, count);
-          const DoubleVec u = DoubleVec::loadu(token_sum.data() + j, count);
-          (m + u.log()).store(lse_row + j, count);
-        }
+  // Phase 3 (the whole scan when unsplit): every chunk from its carry, writing the outputs;
+  // the last chunk leaves the state's out, unrounded.
+  for_each_task<Scratch>(plan, batch, chunks * heads, row_width,
+                         [&](Scratch& t, int64_t b, int64_t lane_begin, int64_t lane_end) {
+    for (int64_t l = lane_begin; l < lane_end; ++l) {
+      const int64_t j = l - lane_begin;
+      const int64_t c = l / heads;
+      const int64_t h = l % heads;
+      place(t, j, b, c, h);
+      if (c == 0) {
+        t.enter(j, head_dim, state_lse_at(b, h), state_out_at(b, h));
+      } else {
+        const int64_t index = (b * chunks + c) * heads + h;
+        t.enter(j, head_dim, &carry_lse[index], carry_out.data() + index * head_dim);
       }
-
-      // The state's out after the last token, unrounded: w / u in the state's type.
-      for (int64_t j = 0; j < task_heads; ++j) {
-        const state_t inverse = reciprocal_or_zero(static_cast<state_t>(denominator[j]));
-        const acc_t* w_row = numerator.data() + j * row_width;
-        state_t* f_row = final_out + (b * heads + h_begin + j) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) {
-          f_row[d] = static_cast<state_t>(w_row[d]) * inverse;
-        }
-      }
+    }
+    forward_lanes<scalar_t, true>(t, lane_end - lane_begin, head_dim, steps, chunks == 1);
+    for (int64_t l = std::max(lane_begin, (chunks - 1) * heads); l < lane_end; ++l) {
+      t.leave(l - lane_begin, head_dim, final_out + (b * heads + l % heads) * head_dim);
     }
   });
 }
 
+// ---- Backward -------------------------------------------------------------------------
 // The reverse recurrences of the design page, per sequence, from the last token back:
 //   R_i = g_i + a_i R_{i+1},  rho_i = (g_i . o_i - G_i) + a_i rho_{i+1},  a_i = e^(L_i - L_{i+1}),
 //   dv_i = e^(s_i - L_i) R_i,  ds_i = e^(s_i - L_i) (v_i . R_i - rho_i),
@@ -265,12 +472,131 @@ void forward_typed(const ForwardArgs& args) {
 // With a state, dL_0 = -f P' where P' is P with the outputs shifted by o_0 (combine.h,
 // rounded_state_out): a sum of small per-token terms where f (o_0 . S - P) would cancel
 // two large ones. P itself stays unshifted for ds.
+// The L_j are the forward's, saved: S, P and P' are plain sums over the tokens after i, so a
+// chunk's sums from nothing after it (phase 1) add to its successors' (phase 2), each moved to
+// a common reference (combine.h, common_reference).
+
+// A task's lanes in the backward: where each starts (its first token), how many tokens it
+// has, and its sums (r, S, P, P') with the state's out o_0 (rounded) for P'.
 template <typename scalar_t>
-void backward_typed(const BackwardArgs& args) {
+struct BackwardScratch {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  std::vector<const scalar_t*> score, value, out, grad_out;
+  std::vector<const double*> lse, grad_lse;
+  std::vector<scalar_t*> grad_score, grad_value;
+  std::vector<int64_t> length;
+  std::vector<double> reference;  // r, per lane (a log-sum: float64)
+  std::vector<acc_t> sum_rho, sum_rho_shifted, sum_g, shift;
+  int64_t row_width;
+
+  BackwardScratch(int64_t lanes, int64_t row_width_)
+      : score(lanes), value(lanes), out(lanes), grad_out(lanes), lse(lanes), grad_lse(lanes),
+        grad_score(lanes), grad_value(lanes), length(lanes), reference(lanes), sum_rho(lanes),
+        sum_rho_shifted(lanes), sum_g(lanes * row_width_), shift(lanes * row_width_),
+        row_width(row_width_) {}
+};
+
+// Per-token strides of the backward's tensors, in elements.
+struct BackwardSteps {
+  int64_t score, value, out, grad_out, lse, grad_lse, grad_score, grad_value;
+};
+
+// The reverse sums over the lanes' tokens, from each lane's last token to its first, from the
+// (r, S, P, P') in the scratch. kOutputs: writes ds and dv at every token; otherwise only the
+// final sums matter (phase 1).
+template <typename scalar_t, bool kOutputs>
+void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_dim,
+                    const BackwardSteps& steps, bool has_state) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AccVec = typename IO::AccVec;
   constexpr int64_t acc_width = AccVec::size();
+  const auto sum_lanes = [](const AccVec& x) {
+    return at::vec::vec_reduce_all<acc_t>([](const AccVec& p, const AccVec& q) { return p + q; }, x);
+  };
+  const int64_t longest = *std::max_element(t.length.begin(), t.length.begin() + lanes);
+
+  for (int64_t back = 0; back < longest; ++back) {
+    for (int64_t j = 0; j < lanes; ++j) {
+      if (back >= t.length[j]) {
+        continue;
+      }
+      const int64_t n = t.length[j] - 1 - back;
+      const double lse_n = t.lse[j][n * steps.lse];
+      scalar_t* dv_row = kOutputs ? t.grad_value[j] + n * steps.grad_value : nullptr;
+      if (lse_n == negative_infinity<double>()) {
+        // Every token up to here is masked: gradients are exactly zero.
+        if constexpr (kOutputs) {
+          t.grad_score[j][n * steps.grad_score] = scalar_t(0);
+          std::fill_n(dv_row, head_dim, scalar_t(0));
+        }
+        continue;
+      }
+      acc_t* s_row = t.sum_g.data() + j * t.row_width;
+      const acc_t factor = lower_reference<acc_t>(t.reference[j], lse_n);
+      if (factor != acc_t(1)) {
+        std::for_each(s_row, s_row + t.row_width, [factor](acc_t& x) { x *= factor; });
+        t.sum_rho[j] *= factor;
+        t.sum_rho_shifted[j] *= factor;
+      }
+      const acc_t w = exp_of_difference_wide<acc_t>(t.reference[j], lse_n);  // <= e^gap
+      const AccVec weight(w);
+      AccVec g_dot_o(0);
+      AccVec g_dot_shifted_o(0);  // g . (o - o_0), with a state
+      AccVec v_dot_s(0);
+      const scalar_t* g_row = t.grad_out[j] + n * steps.grad_out;
+      const scalar_t* o_row = t.out[j] + n * steps.out;
+      const scalar_t* v_row = t.value[j] + n * steps.value;
+      const acc_t* shift_row = t.shift.data() + j * t.row_width;
+      // s - r in float64: r may be far from 0 while s - r is not.
+      const acc_t e = kOutputs
+          ? exp_of_difference_wide<acc_t>(
+                static_cast<double>(static_cast<acc_t>(t.score[j][n * steps.score])), t.reference[j])
+          : acc_t(0);
+      const AccVec e_vec(e);
+      for (int64_t d = 0; d < head_dim; d += IO::width) {
+        const int64_t count = std::min(IO::width, head_dim - d);
+        AccVec g[IO::parts], o[IO::parts], v[IO::parts], dv[IO::parts];
+        IO::load(g_row + d, count, g);
+        IO::load(o_row + d, count, o);
+        if constexpr (kOutputs) {
+          IO::load(v_row + d, count, v);
+        }
+        for (int p = 0; p < IO::parts; ++p) {
+          if (has_state) {
+            const AccVec o0 = AccVec::loadu(shift_row + d + p * acc_width);
+            g_dot_shifted_o = at::vec::fmadd(g[p], o[p] - o0, g_dot_shifted_o);
+          }
+          acc_t* s_ptr = s_row + d + p * acc_width;
+          const AccVec updated = at::vec::fmadd(weight, g[p], AccVec::loadu(s_ptr));
+          updated.store(s_ptr);
+          g_dot_o = at::vec::fmadd(g[p], o[p], g_dot_o);
+          if constexpr (kOutputs) {
+            v_dot_s = at::vec::fmadd(v[p], updated, v_dot_s);
+            dv[p] = e_vec * updated;
+          }
+        }
+        if constexpr (kOutputs) {
+          IO::store(dv_row + d, count, dv);
+        }
+      }
+      const acc_t G = static_cast<acc_t>(t.grad_lse[j][n * steps.grad_lse]);
+      t.sum_rho[j] += w * (sum_lanes(g_dot_o) - G);
+      if (has_state) {
+        t.sum_rho_shifted[j] += w * (sum_lanes(g_dot_shifted_o) - G);
+      }
+      if constexpr (kOutputs) {
+        t.grad_score[j][n * steps.grad_score] = static_cast<scalar_t>(e * (sum_lanes(v_dot_s) - t.sum_rho[j]));
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_typed(const BackwardArgs& args) {
+  using Scratch = BackwardScratch<scalar_t>;
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
 
   const int64_t batch = args.values.size(0);
   const int64_t length = args.values.size(1);
@@ -299,123 +625,138 @@ void backward_typed(const BackwardArgs& args) {
   const int64_t G_stride_n = has_grad_lse ? args.grad_lse->stride(1) : 0;
   const int64_t G_stride_h = has_grad_lse ? args.grad_lse->stride(2) : 0;
 
-  using state_t = double;  // the state's out (ops/scan.h)
   const bool has_state = args.state_lse.has_value();
   const double* state_lse = has_state ? args.state_lse->const_data_ptr<double>() : nullptr;
-  const state_t* state_out = has_state ? args.state_out->const_data_ptr<state_t>() : nullptr;
+  const double* state_out = has_state ? args.state_out->const_data_ptr<double>() : nullptr;
 
   scalar_t* grad_scores = args.grad_scores.mutable_data_ptr<scalar_t>();
   scalar_t* grad_values = args.grad_values.mutable_data_ptr<scalar_t>();
   double* grad_state_lse = args.grad_state_lse.mutable_data_ptr<double>();
-  state_t* grad_state_out = args.grad_state_out.mutable_data_ptr<state_t>();
+  double* grad_state_out = args.grad_state_out.mutable_data_ptr<double>();
 
-  const auto sum_lanes = [](const AccVec& x) {
-    return at::vec::vec_reduce_all<acc_t>([](const AccVec& p, const AccVec& q) { return p + q; }, x);
+  if (length == 0) {  // no token: the state's gradients are zero (no output depends on it here)
+    args.grad_state_lse.zero_();
+    args.grad_state_out.zero_();
+    return;
+  }
+
+  const BackwardSteps steps{s_strides[1], v_strides[1], heads * head_dim, g_stride_n,
+                            heads,        G_stride_n,   heads,            heads * head_dim};
+  const Plan plan = plan_work(batch, length, heads, head_dim);
+  const int64_t chunks = plan.chunks;
+
+  // Lane j = chunk c of sequence (b, h), positioned at its first token, its sums zero against
+  // the reference r = L at its last token, and o_0 for P'.
+  const auto place = [&](Scratch& t, int64_t j, int64_t b, int64_t c, int64_t h) {
+    const int64_t n = c * plan.chunk_len;
+    const int64_t token = b * length + n;
+    t.score[j] = scores + b * s_strides[0] + n * s_strides[1] + h * s_strides[2];
+    t.value[j] = values + b * v_strides[0] + n * v_strides[1] + h * v_strides[2];
+    t.out[j] = out + (token * heads + h) * head_dim;
+    t.grad_out[j] = grad_out + b * g_stride_b + n * g_stride_n + h * g_stride_h;
+    t.lse[j] = lse + token * heads + h;
+    t.grad_lse[j] = grad_lse + b * G_stride_b + n * G_stride_n + h * G_stride_h;
+    t.grad_score[j] = grad_scores + token * heads + h;
+    t.grad_value[j] = grad_values + (token * heads + h) * head_dim;
+    t.length[j] = std::min(plan.chunk_len, length - n);
+    t.reference[j] = t.lse[j][(t.length[j] - 1) * heads];
+    t.sum_rho[j] = 0;
+    t.sum_rho_shifted[j] = 0;
+    std::fill_n(t.sum_g.data() + j * row_width, row_width, acc_t(0));
+    acc_t* shift_row = t.shift.data() + j * row_width;
+    std::fill_n(shift_row, row_width, acc_t(0));
+    if (has_state) {
+      const double* o0_row = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
+      for (int64_t d = 0; d < head_dim; ++d) {
+        shift_row[d] = rounded_state_out<scalar_t, acc_t>(o0_row[d]);
+      }
+    }
   };
 
-  const TaskSplit split = split_tasks(batch, length, heads, head_dim);
-  at::parallel_for(0, batch * split.tasks_per_batch, split.grain, [&](int64_t begin, int64_t end) {
-    std::vector<double> reference(split.heads_per_task);  // r, per head (a log-sum: float64)
-    std::vector<acc_t> sum_rho(split.heads_per_task);    // P, per head
-    std::vector<acc_t> sum_rho_shifted(split.heads_per_task);  // P', per head
-    std::vector<acc_t> sum_g(split.heads_per_task * row_width);  // S, per head
-    std::vector<acc_t> shift(split.heads_per_task * row_width);  // o_0 (rounded), per head
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / split.tasks_per_batch;
-      const int64_t h_begin = (task % split.tasks_per_batch) * split.heads_per_task;
-      const int64_t task_heads = std::min(split.heads_per_task, heads - h_begin);
-      std::fill(sum_g.begin(), sum_g.end(), acc_t(0));
-      std::fill(sum_rho.begin(), sum_rho.end(), acc_t(0));
-      std::fill(sum_rho_shifted.begin(), sum_rho_shifted.end(), acc_t(0));
-      std::fill(shift.begin(), shift.end(), acc_t(0));
-      for (int64_t j = 0; j < task_heads; ++j) {
-        const int64_t h = h_begin + j;
-        reference[j] = length > 0 ? lse[((b * length + length - 1) * heads) + h] : 0.0;
-        if (has_state) {
-          const state_t* o0_row = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
+  // Phases 1 and 2: each chunk's carry (r, S, P, P'), the sums over every token after it,
+  // [B, C, H] (S: [B, C, H, D]); r = -inf for none (the last chunk's).
+  std::vector<double> carry_reference, carry_g, carry_rho, carry_rho_shifted;
+  if (chunks > 1) {
+    const int64_t items = batch * chunks * heads;
+    std::vector<double> summary_reference(items), summary_g(items * head_dim), summary_rho(items),
+        summary_rho_shifted(items);
+    for_each_task<Scratch>(plan, batch, (chunks - 1) * heads, row_width,
+                           [&](Scratch& t, int64_t b, int64_t lane_begin, int64_t lane_end) {
+      for (int64_t l = lane_begin; l < lane_end; ++l) {  // chunks 1 .. C-1
+        place(t, l - lane_begin, b, l / heads + 1, l % heads);
+      }
+      backward_lanes<scalar_t, false>(t, lane_end - lane_begin, head_dim, steps, has_state);
+      for (int64_t l = lane_begin; l < lane_end; ++l) {
+        const int64_t j = l - lane_begin;
+        const int64_t index = b * chunks * heads + l + heads;
+        summary_reference[index] = t.reference[j];
+        summary_rho[index] = t.sum_rho[j];
+        summary_rho_shifted[index] = t.sum_rho_shifted[j];
+        const acc_t* s_row = t.sum_g.data() + j * row_width;
+        std::copy_n(s_row, head_dim, summary_g.begin() + index * head_dim);
+      }
+    });
+    carry_reference.assign(items, negative_infinity<double>());
+    carry_g.assign(items * head_dim, 0.0);
+    carry_rho.assign(items, 0.0);
+    carry_rho_shifted.assign(items, 0.0);
+    at::parallel_for(0, batch * heads, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / heads;
+        const int64_t h = item % heads;
+        for (int64_t c = chunks - 1; c > 0; --c) {
+          const int64_t index = (b * chunks + c) * heads + h;  // chunk c's summary and carry
+          const int64_t previous = index - heads;               // chunk c - 1's carry
+          const ReferenceFactors f = common_reference(summary_reference[index], carry_reference[index]);
+          carry_reference[previous] = f.reference;
+          carry_rho[previous] = f.factor_a * summary_rho[index] + f.factor_b * carry_rho[index];
+          carry_rho_shifted[previous] =
+              f.factor_a * summary_rho_shifted[index] + f.factor_b * carry_rho_shifted[index];
           for (int64_t d = 0; d < head_dim; ++d) {
-            shift[j * row_width + d] = rounded_state_out<scalar_t, acc_t>(o0_row[d]);
+            carry_g[previous * head_dim + d] = f.factor_a * summary_g[index * head_dim + d] +
+                f.factor_b * carry_g[index * head_dim + d];
           }
         }
       }
+    });
+  }
 
-      for (int64_t n = length - 1; n >= 0; --n) {
-        const int64_t token = b * length + n;
-        const scalar_t* score_row = scores + b * s_strides[0] + n * s_strides[1];
-        for (int64_t j = 0; j < task_heads; ++j) {
-          const int64_t h = h_begin + j;
-          const double lse_n = lse[token * heads + h];
-          scalar_t* dv_row = grad_values + (token * heads + h) * head_dim;
-          if (lse_n == negative_infinity<double>()) {
-            // Every token up to here is masked: gradients are exactly zero.
-            grad_scores[token * heads + h] = scalar_t(0);
-            std::fill_n(dv_row, head_dim, scalar_t(0));
-            continue;
-          }
-          acc_t* s_row = sum_g.data() + j * row_width;
-          const acc_t factor = lower_reference<acc_t>(reference[j], lse_n);
-          if (factor != acc_t(1)) {
-            std::for_each(s_row, s_row + row_width, [factor](acc_t& x) { x *= factor; });
-            sum_rho[j] *= factor;
-            sum_rho_shifted[j] *= factor;
-          }
-          const acc_t w = exp_of_difference_wide<acc_t>(reference[j], lse_n);  // <= e^gap
-          // s - r in float64: r may be far from 0 while s - r is not.
-          const acc_t e = exp_of_difference_wide<acc_t>(
-              static_cast<double>(static_cast<acc_t>(score_row[h * s_strides[2]])), reference[j]);
-          const AccVec weight(w);
-          const AccVec e_vec(e);
-          AccVec g_dot_o(0);
-          AccVec g_dot_shifted_o(0);  // g . (o - o_0), with a state
-          AccVec v_dot_s(0);
-          const scalar_t* g_row = grad_out + b * g_stride_b + n * g_stride_n + h * g_stride_h;
-          const scalar_t* o_row = out + (token * heads + h) * head_dim;
-          const scalar_t* v_row = values + b * v_strides[0] + n * v_strides[1] + h * v_strides[2];
-          const acc_t* shift_row = shift.data() + j * row_width;
-          for (int64_t d = 0; d < head_dim; d += IO::width) {
-            const int64_t count = std::min(IO::width, head_dim - d);
-            AccVec g[IO::parts], o[IO::parts], v[IO::parts], dv[IO::parts];
-            IO::load(g_row + d, count, g);
-            IO::load(o_row + d, count, o);
-            IO::load(v_row + d, count, v);
-            for (int p = 0; p < IO::parts; ++p) {
-              if (has_state) {
-                const AccVec o0 = AccVec::loadu(shift_row + d + p * acc_width);
-                g_dot_shifted_o = at::vec::fmadd(g[p], o[p] - o0, g_dot_shifted_o);
-              }
-              acc_t* s_ptr = s_row + d + p * acc_width;
-              const AccVec updated = at::vec::fmadd(weight, g[p], AccVec::loadu(s_ptr));
-              updated.store(s_ptr);
-              g_dot_o = at::vec::fmadd(g[p], o[p], g_dot_o);
-              v_dot_s = at::vec::fmadd(v[p], updated, v_dot_s);
-              dv[p] = e_vec * updated;
-            }
-            IO::store(dv_row + d, count, dv);
-          }
-          const acc_t G = static_cast<acc_t>(grad_lse[b * G_stride_b + n * G_stride_n + h * G_stride_h]);
-          sum_rho[j] += w * (sum_lanes(g_dot_o) - G);
-          if (has_state) {
-            sum_rho_shifted[j] += w * (sum_lanes(g_dot_shifted_o) - G);
-          }
-          grad_scores[token * heads + h] = static_cast<scalar_t>(e * (sum_lanes(v_dot_s) - sum_rho[j]));
-        }
-      }
-
-      // The initial state as a token before the first: f R_1 = e^(L_0 - r) S, and with
-      // outputs shifted by o_0, dL_0 = f ((o_0 - o_0) . R_1 - rho'_1) = -f P'.
-      for (int64_t j = 0; j < task_heads; ++j) {
-        const int64_t h = h_begin + j;
-        const double lse_0 = has_state
-            ? state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)]
-            : negative_infinity<double>();
-        const acc_t f = length == 0 ? acc_t(0) : exp_of_difference_wide<acc_t>(lse_0, reference[j]);
-        const acc_t* s_row = sum_g.data() + j * row_width;
-        state_t* do0_row = grad_state_out + (b * heads + h) * head_dim;
+  // Phase 3 (the whole backward when unsplit): every chunk from its carry, writing ds and dv;
+  // chunk 0 then holds the sums at the first token, for the state's gradients.
+  for_each_task<Scratch>(plan, batch, chunks * heads, row_width,
+                         [&](Scratch& t, int64_t b, int64_t lane_begin, int64_t lane_end) {
+    for (int64_t l = lane_begin; l < lane_end; ++l) {
+      const int64_t j = l - lane_begin;
+      const int64_t c = l / heads;
+      place(t, j, b, c, l % heads);
+      const int64_t index = b * chunks * heads + l;
+      if (c + 1 < chunks && carry_reference[index] != negative_infinity<double>()) {
+        t.reference[j] = carry_reference[index];
+        t.sum_rho[j] = static_cast<acc_t>(carry_rho[index]);
+        t.sum_rho_shifted[j] = static_cast<acc_t>(carry_rho_shifted[index]);
+        acc_t* s_row = t.sum_g.data() + j * row_width;
         for (int64_t d = 0; d < head_dim; ++d) {
-          do0_row[d] = static_cast<state_t>(f * s_row[d]);
+          s_row[d] = static_cast<acc_t>(carry_g[index * head_dim + d]);
         }
-        grad_state_lse[b * heads + h] = static_cast<double>(-f * sum_rho_shifted[j]);
       }
+    }
+    backward_lanes<scalar_t, true>(t, lane_end - lane_begin, head_dim, steps, has_state);
+
+    // The initial state as a token before the first: f R_1 = e^(L_0 - r) S, and with
+    // outputs shifted by o_0, dL_0 = f ((o_0 - o_0) . R_1 - rho'_1) = -f P'.
+    for (int64_t l = lane_begin; l < std::min(lane_end, heads); ++l) {  // chunk 0
+      const int64_t j = l - lane_begin;
+      const int64_t h = l;
+      const double lse_0 = has_state
+          ? state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)]
+          : negative_infinity<double>();
+      const acc_t f = exp_of_difference_wide<acc_t>(lse_0, t.reference[j]);
+      const acc_t* s_row = t.sum_g.data() + j * row_width;
+      double* do0_row = grad_state_out + (b * heads + h) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        do0_row[d] = static_cast<double>(f * s_row[d]);
+      }
+      grad_state_lse[b * heads + h] = static_cast<double>(-f * t.sum_rho_shifted[j]);
     }
   });
 }

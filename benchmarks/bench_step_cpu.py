@@ -1,0 +1,192 @@
+"""Per-token latency of the one-token step (`AarenEncoder.step`) on the CPU, against what its
+arithmetic costs, and against the KV-cache Transformer of the same size.
+
+For each (E, layers) and batch, on one thread, under `torch.inference_mode`, measured side by
+side in one run (the variants alternate token by token, so they share the machine's load;
+medians over the tokens):
+  - products: the same layers' matrix-vector products alone, in eager PyTorch (per layer
+    `F.linear` with the score projection [H, E] folded once, v_proj, out_proj, linear1,
+    linear2): what the step's arithmetic costs;
+  - eager: `AarenEncoder.step` as written;
+  - scripted: `torch.jit.script(stack).step` (TorchScript, from Python);
+  - compiled (with --compile): `torch.compile(stack.step)` after warm-up;
+  - Transformer: `aaren.baselines.KVCacheTransformer.step` (eager, preallocated cache), per
+    token at the first tokens (1 to 16) and after `--tokens` tokens, Aaren measured
+    alternately in the same loop.
+The ratios to `products` are the figures the issue's targets are stated in. `--profile`
+prints where the eager step's time goes (torch.profiler, operators by self CPU time).
+The C++ programs (TorchScript and AOTInductor, examples/cpp) time themselves: see
+examples/cpp/README.md.
+
+    python benchmarks/bench_step_cpu.py                # the grid, about a minute
+    python benchmarks/bench_step_cpu.py --smoke        # tiny, in seconds (checks it runs)
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from aaren.baselines import build_stacks
+
+GRID = [(64, 2), (256, 4)]
+BATCHES = [1, 8]
+HEADS = 4
+
+
+def layer_products(stack):
+    """The step's matrix-vector products per layer as (weight, bias) pairs, the score
+    projection folded into one [H, E] matrix as the step computes it."""
+    products = []
+    for layer in stack.layers:
+        attention = layer.self_attn
+        score_weight, score_bias = attention._score_projection()
+        products.append([(score_weight, score_bias),
+                         (attention.v_proj.weight, attention.v_proj.bias),
+                         (attention.out_proj.weight, attention.out_proj.bias),
+                         (layer.linear1.weight, layer.linear1.bias),
+                         (layer.linear2.weight, layer.linear2.bias)])
+    return products
+
+
+def run_products(products, x):
+    """The products in the order the step chains them (each layer's input is x)."""
+    for layer in products:
+        score_w, v_w, out_w, up, down = layer
+        F.linear(x, *score_w)
+        value = F.linear(x, *v_w)
+        x = F.linear(value, *out_w)
+        F.linear(F.linear(x, *up), *down)
+    return x
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(E, layers, batch, tokens, compile_step):
+    torch.manual_seed(0)
+    stack, transformer, _ = build_stacks(E, HEADS, layers)
+    stack.eval()
+    transformer.eval()
+    times = {name: [] for name in ("products", "eager", "scripted", "compiled",
+                                   "transformer first", "aaren first")}
+    with torch.inference_mode():
+        products = layer_products(stack)
+        xs = torch.randn(tokens, batch, E)
+        scripted = torch.jit.script(stack)
+        compiled = torch.compile(stack.step) if compile_step else None
+        states = {"eager": None, "scripted": None, "compiled": None}
+        steps = {"eager": stack.step, "scripted": scripted.step, "compiled": compiled}
+        for warm in range(8):  # code paths, allocator, compilation, TorchScript's profiling runs
+            for name, step in steps.items():
+                if step is not None:
+                    _, states[name] = step(xs[warm], states[name])
+            run_products(products, xs[warm])
+        for name in states:
+            states[name] = None
+        for t in range(tokens):
+            x = xs[t]
+            times["products"].append(timed(lambda: run_products(products, x)))
+            for name, step in steps.items():
+                if step is None:
+                    continue
+
+                def one():
+                    _, states[name] = step(x, states[name])
+                times[name].append(timed(one))
+        # Streaming from the first token: the two models alternate token by token, 16 tokens
+        # from an empty state, repeated (fresh state and cache each time).
+        for _ in range(max(1, tokens // 16)):
+            aaren_state, cache = None, transformer.new_state()
+            for t in range(16):
+                x = xs[t]
+
+                def aaren_one():
+                    nonlocal aaren_state
+                    _, aaren_state = stack.step(x, aaren_state)
+
+                def transformer_one():
+                    nonlocal cache
+                    _, cache = transformer.step(x, cache)
+                times["aaren first"].append(timed(aaren_one))
+                times["transformer first"].append(timed(transformer_one))
+    # Every variant streamed the same tokens: their states must agree (to the rounding).
+    for name in ("scripted", "compiled"):
+        if states[name] is not None:
+            for (lse, out), (lse_ref, out_ref) in zip(states[name], states["eager"]):
+                torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    medians = {name: statistics.median(ts) if ts else None for name, ts in times.items()}
+    spread = {name: (statistics.quantiles(ts, n=10)[8] / statistics.median(ts) if len(ts) >= 10 else None)
+              for name, ts in times.items()}
+    return medians, spread
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=400, help="tokens streamed per variant")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(stack.step)")
+    parser.add_argument("--profile", action="store_true", help="profile the eager step (E=64, 2 layers, batch 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny: checks that the script runs")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    grid, batches, tokens = (([(16, 1)], [1], 24) if args.smoke else (GRID, BATCHES, args.tokens))
+    print(f"torch {torch.__version__}, 1 thread, {HEADS} heads, float32; per-token medians over "
+          f"{tokens} tokens (first tokens: {max(1, tokens // 16) * 16})\n")
+    header = ["E", "layers", "batch", "products us", "eager us", "eager / products",
+              "scripted us", "scripted / products"]
+    if args.compile:
+        header += ["compiled us", "compiled / products"]
+    header += ["Aaren first 16 us", "Transformer first 16 us", "Transformer / Aaren", "eager p90 / p50"]
+    rows = []
+    for E, layers in grid:
+        for batch in batches:
+            m, spread = measure(E, layers, batch, tokens, args.compile)
+            us = {k: None if v is None else 1e6 * v for k, v in m.items()}
+            row = [E, layers, batch, f"{us['products']:.1f}", f"{us['eager']:.1f}",
+                   f"{m['eager'] / m['products']:.1f}x", f"{us['scripted']:.1f}",
+                   f"{m['scripted'] / m['products']:.1f}x"]
+            if args.compile:
+                row += [f"{us['compiled']:.1f}", f"{m['compiled'] / m['products']:.1f}x"]
+            row += [f"{us['aaren first']:.1f}", f"{us['transformer first']:.1f}",
+                    f"{m['transformer first'] / m['aaren first']:.2f}x", f"{spread['eager']:.2f}"]
+            rows.append(row)
+            print(f"measured E={E} layers={layers} batch={batch}", flush=True)
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+    if args.profile:
+        profile_eager(*((16, 1) if args.smoke else (64, 2)))
+    if args.smoke:  # every figure a positive number (the streams agreed: checked in measure)
+        bad = [cell for row in rows for cell in row[3:] if not float(str(cell).rstrip("x")) > 0]
+        print("smoke check " + (f"FAILED: {bad}" if bad else "passed"))
+        return 1 if bad else 0
+    return 0
+
+
+def profile_eager(E, layers):
+    """Where the eager step's time goes: operators by self CPU time over 200 tokens."""
+    torch.manual_seed(0)
+    stack, _, _ = build_stacks(E, HEADS, layers)
+    stack.eval()
+    with torch.inference_mode():
+        xs = torch.randn(200, 1, E)
+        state = None
+        for x in xs[:20]:
+            _, state = stack.step(x, state)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for x in xs:
+                _, state = stack.step(x, state)
+    print(f"\nProfile of the eager step, E={E}, {layers} layers, batch 1 (200 tokens):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
