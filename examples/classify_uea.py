@@ -23,7 +23,7 @@ the test accuracy of the best-validation weights. Seeds change the validation sp
 initialization and the batch order.
 
     python examples/classify_uea.py --seeds 0 1 2 3 4 --json uea.json   # docs/results.md
-    python examples/classify_uea.py --quick       # pipeline check: one seed, 3 epochs, d_model 32
+    python examples/classify_uea.py --quick       # pipeline check: one seed, 5 epochs, d_model 32
 """
 import argparse
 import copy
@@ -196,12 +196,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--quick", action="store_true",
-                        help="pipeline check, not the recipe: 3 epochs, d_model 32, 4 heads, d_ff 64")
+                        help="pipeline check, not the recipe: 5 epochs, d_model 32, 4 heads, d_ff 64")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", default=None, help="write the records (a JSON list) here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.d_model, args.n_heads, args.d_ff = 3, 32, 4, 64
+        args.epochs, args.d_model, args.n_heads, args.d_ff = 5, 32, 4, 64
     torch.set_num_threads(args.threads)
 
     records = []
