@@ -219,11 +219,11 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                       f"(val {100 * r['val_accuracy']:.1f} %, best epoch {r['best_epoch']} of "
                       f"{r['epochs_run']}), loss {r['train_losses'][0]:.3f} -> "
                       f"{r['train_losses'][-1]:.3f}, {r['train_seconds']:.0f} s", flush=True)
+                if args.json:  # after every run, so that an interrupted job keeps what it finished
+                    with open(args.json, "w") as f:
+                        json.dump(records, f, indent=1)
     print()
     print(summary(records))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
     return records
 
 

@@ -371,11 +371,11 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                   f"{record['mse']:.4f} MAE {record['mae']:.4f}, {record['params']:,} params, "
                   f"{record['epochs_run']} epochs (best {record['best_epoch']}), "
                   f"{record['train_seconds']:.0f} s", flush=True)
+            if args.json:  # after every run, so that an interrupted job keeps what it finished
+                with open(args.json, "w") as f:
+                    json.dump(records, f, indent=1)
     print()
     print(summary(records))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
     if args.plot:
         plot_window(first_models, data, args.horizon, sizes["test"] // 2, args.plot)
     return records
