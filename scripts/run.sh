@@ -72,6 +72,9 @@ setup() {
     "pybind11>=2.12" ninja "cmake>=3.26" "setuptools>=77"
   # The paper-claims benchmark and example: real datasets shipped inside sktime, plots, progress.
   python -m pip install -q "sktime==1.2.0" "matplotlib==3.11.2" "tqdm==4.70.1"
+  # The TSLib-protocol benchmarks (examples/forecast.py, examples/classify_uea.py): already
+  # pulled in by sktime; pinned so that the CSV reading and the validation split stay the same.
+  python -m pip install -q "pandas==3.0.6" "scikit-learn==1.9.1"
   log "building and installing aaren (torch $TORCH_VERSION, build dir $AAREN_BUILD_DIR, MAX_JOBS=$MAX_JOBS, CUDA $AAREN_CUDA, archs $TORCH_CUDA_ARCH_LIST)"
   AAREN_BUILD_TESTS="$AAREN_BUILD_TESTS" python -m pip install -q --no-build-isolation --no-deps .
   python -m aaren
