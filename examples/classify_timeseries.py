@@ -67,9 +67,15 @@ def load_classification(name: str) -> dict:
 
     The series come from the .ts files inside the installed sktime package."""
     loader = _sktime_loader(CLASSIFICATION[name][0])
+    return as_dataset(name, {split: loader(split=split, return_X_y=True)
+                             for split in ("train", "test")})
+
+
+def as_dataset(name: str, nested: dict) -> dict:
+    """{"train": (X, y), "test": (X, y)} with X sktime's nested DataFrame (one pd.Series a
+    cell) -> the dict of load_classification (labels indexed over the sorted class names)."""
     splits = {}
-    for split in ("train", "test"):
-        X, y = loader(split=split, return_X_y=True)  # nested DataFrame: one pd.Series a cell
+    for split, (X, y) in nested.items():
         seqs = [np.stack([np.asarray(X.iloc[i, c], dtype=np.float32) for c in range(X.shape[1])],
                          axis=-1) for i in range(len(X))]
         splits[split] = (seqs, np.asarray(y).astype(str))
@@ -111,11 +117,13 @@ class SequenceModel(nn.Module):
     """Input projection + positions -> Aaren or Transformer stack -> a linear head."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, d_model: int = 64,
-                 nhead: int = 4, num_layers: int = 2, dropout: float = 0.1, max_len: int = 1024):
+                 nhead: int = 4, num_layers: int = 2, dropout: float = 0.1, max_len: int = 1024,
+                 dim_feedforward: Optional[int] = None):
         super().__init__()
         if kind not in MODELS:
             raise ValueError(f"kind must be one of {MODELS}, got {kind!r}")
-        aaren_stack, transformer, info = build_stacks(d_model, nhead, num_layers, dropout=dropout)
+        aaren_stack, transformer, info = build_stacks(d_model, nhead, num_layers, dim_feedforward,
+                                                      dropout=dropout)
         self.encoder = aaren_stack if kind == "aaren" else transformer
         self.embed = nn.Linear(in_features, d_model)
         self.register_buffer("positions", sinusoidal_positions(max_len, d_model), persistent=False)

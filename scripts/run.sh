@@ -74,6 +74,9 @@ setup() {
   python -m pip install -q "sktime==1.2.0" "matplotlib==3.11.2" "tqdm==4.70.1"
   # aaren.hf and its tests (tests/test_hf.py): the pinned transformers (pyproject's [hf] extra).
   python -m pip install -q "transformers==5.23.0"
+  # The TSLib-protocol benchmarks (examples/forecast.py, examples/classify_uea.py): already
+  # pulled in by sktime; pinned so that the CSV reading and the validation split stay the same.
+  python -m pip install -q "pandas==3.0.6" "scikit-learn==1.9.1"
   log "building and installing aaren (torch $TORCH_VERSION, build dir $AAREN_BUILD_DIR, MAX_JOBS=$MAX_JOBS, CUDA $AAREN_CUDA, archs $TORCH_CUDA_ARCH_LIST)"
   AAREN_BUILD_TESTS="$AAREN_BUILD_TESTS" python -m pip install -q --no-build-isolation --no-deps .
   python -m aaren
