@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .functional import scan as _scan
 from .functional import step as _step
+from .functional import empty_state as _empty_state
 
 __all__ = ["Aaren", "AarenEncoderLayer", "AarenEncoder", "convert"]
 
@@ -37,6 +38,12 @@ def drop_token_contributions(values: Tensor, p: float, training: bool) -> Tensor
         return values
     keep = F.dropout(torch.ones_like(values[..., :1]), p=p, training=True)
     return values * keep
+
+
+def _stamps(tensors) -> List[Tuple[int, int]]:
+    """(version counter, storage address) of each tensor (None -> (0, 0)): what changes
+    when a parameter is written in place or given new data."""
+    return [(0, 0) if t is None else (t._version, t.data_ptr()) for t in tensors]
 
 
 def _masked_at_or_below() -> float:
@@ -138,7 +145,10 @@ class Aaren(nn.Module):
     The key projection is folded into the query: the scores are computed by a [H, E]
     projection ``(q_h^T W_{k,h}) / sqrt(head_dim)`` built at each call, so no [B, N, E] key
     tensor is formed and ``k_proj`` is never called as a module (hooks on it do not fire);
-    gradients reach ``query`` and ``k_proj`` through that product.
+    gradients reach ``query`` and ``k_proj`` through that product. ``step`` stacks it on
+    ``v_proj`` ([H + E, E]: one matrix-vector product per token) and, in eval mode with
+    autograd off, keeps that matrix between calls until a parameter it comes from changes
+    (``v_proj`` is not called as a module in ``step`` either; see ``step``).
 
     Differences from ``nn.MultiheadAttention``: the ``query`` argument only fixes shapes
     (it must have the shape of ``key``; queries are learned); ``key`` gives the scores and
@@ -270,6 +280,88 @@ class Aaren(nn.Module):
         if b_k is not None:
             bias = (q.to(b_k.dtype) * b_k.reshape(self.num_heads, self.head_dim)).sum(-1)
         return weight, bias
+
+    def _step_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The score and value projections of ``step`` as one: weight [H + E, E] (rows 0..H-1
+        the folded score projection, rows H.. ``v_proj``'s) and bias [H + E] (None when
+        neither projection has one), so one ``addmm`` gives a token's scores and values."""
+        score_weight, score_bias = self._score_projection()
+        v_weight = self.v_proj.weight
+        weight = torch.cat([score_weight.to(v_weight.dtype), v_weight], 0)
+        v_bias = self.v_proj.bias
+        if score_bias is None and v_bias is None:
+            return weight, None
+        if score_bias is None:
+            score_bias = torch.zeros(self.num_heads, dtype=weight.dtype, device=weight.device)
+        if v_bias is None:
+            v_bias = torch.zeros(self.embed_dim, dtype=weight.dtype, device=weight.device)
+        return weight, torch.cat([score_bias.to(weight.dtype), v_bias.to(weight.dtype)], 0)
+
+    @torch.jit.unused
+    def _cached_step_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """``_step_projection()``, kept between ``step`` calls while nothing can go stale.
+
+        Used only in eval mode with autograd off (``torch.no_grad`` / ``torch.inference_mode``),
+        outside tracing and compilation (a compiled graph computes the projection itself).
+        The cache holds the source parameters (``query``, ``k_proj``'s and ``v_proj``'s
+        weights and biases) and is used only while each is the same object with the same
+        version counter (bumped by every in-place write: optimizer steps,
+        ``load_state_dict``'s copies) and storage address; it also holds detached references
+        to their storages, so no other tensor can take over an address while it lives.
+        ``_apply`` (``.to()``, ``.half()``, ...), ``load_state_dict`` and
+        ``train()``/``eval()`` drop it. Writes through ``.data`` bypass version counters (as
+        they bypass autograd): after those, call ``eval()`` again. Parameters without a
+        version counter (created under ``torch.inference_mode``) are never cached.
+        (Hand-written: PyTorch has no facility for memoizing a function of parameters.)
+        """
+        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or \
+                torch.compiler.is_compiling():
+            return self._step_projection()
+        # The registries themselves: nn.Module.__getattr__ costs about 1 us a lookup, more
+        # than the rest of the check. A parameter that is not a plain entry there (a
+        # parametrization, a wrapped projection) is never cached.
+        k_params = self._modules["k_proj"]._parameters
+        v_params = self._modules["v_proj"]._parameters
+        try:
+            sources = (self._parameters["query"], k_params["weight"], k_params["bias"],
+                       v_params["weight"], v_params["bias"])
+        except KeyError:
+            self._drop_step_cache()
+            return self._step_projection()
+        cache = self.__dict__.get("_step_cache")
+        if cache is not None:
+            held, stamps, _, weight, bias = cache
+            if all(p is h for p, h in zip(sources, held)) and _stamps(sources) == stamps:
+                return weight, bias
+        weight, bias = self._step_projection()
+        if any(p is not None and p.is_inference() for p in sources):
+            self._drop_step_cache()
+            return weight, bias
+        storages = [p.detach() for p in sources if p is not None]
+        self.__dict__["_step_cache"] = (sources, _stamps(sources), storages, weight, bias)
+        return weight, bias
+
+    def _drop_step_cache(self) -> None:
+        self.__dict__.pop("_step_cache", None)
+
+    def _apply(self, fn, recurse=True):
+        self._drop_step_cache()
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self._drop_step_cache()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_step_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        # Copies and pickles (copy.deepcopy, torch.save of the module) start without a cache.
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_step_cache", None)
+        return state
 
     def _drop_tokens(self, values: Tensor) -> Tensor:
         return drop_token_contributions(values, self.dropout, self.training)
@@ -410,14 +502,27 @@ class Aaren(nn.Module):
 
         Running ``step`` over a sequence gives the outputs of ``forward`` over it; the state
         is as in ``prefill`` and its size never grows.
+
+        Scores and values come from one product with the [H + E, E] stack of the folded
+        score projection and ``v_proj``. In eval mode under ``torch.no_grad()`` or
+        ``torch.inference_mode()`` that stack is cached between calls and rebuilt as soon as
+        ``query``, ``k_proj`` or ``v_proj`` change (in-place writes, replaced parameters,
+        ``.to()``, ``load_state_dict``, ``train()``/``eval()``; writes through ``.data``
+        are invisible to it, as to autograd: call ``eval()`` after them). In training mode,
+        with autograd on, under tracing or compilation it is built at every call.
         """
         if x.dim() != 2 or x.size(-1) != self.embed_dim:
             raise ValueError(f"Aaren.step: expected x of shape [B, E] with E={self.embed_dim}, "
                              f"got {list(x.shape)}")
-        weight, bias = self._score_projection()
-        score = F.linear(x, weight, bias)  # [B, H]
-        value = self._drop_tokens(self.v_proj(x).view(x.size(0), self.num_heads, self.head_dim))
-        out, new_state = _step(score.to(value.dtype), value, state)
+        if torch.jit.is_scripting():
+            weight, bias = self._step_projection()
+        else:
+            weight, bias = self._cached_step_projection()
+        projected = F.linear(x, weight, bias)  # [B, H + E]: scores, then values
+        score = projected[:, :self.num_heads]
+        # A view (last dimension contiguous): aaren.step reads it through its strides.
+        value = projected[:, self.num_heads:].view(x.size(0), self.num_heads, self.head_dim)
+        out, new_state = _step(score, self._drop_tokens(value), state)
         return self.out_proj(out.flatten(1)), new_state
 
 
@@ -611,10 +716,58 @@ class AarenEncoder(nn.Module):
             output = self.norm(output)
         return output, new_states
 
+    @torch.jit.unused
+    def empty_states(self, x: Tensor) -> List[Tuple[Tensor, Tensor]]:
+        """The states before any token for a batch shaped like ``x`` ([B, E]): per layer
+        ``(lse [B, H] = -inf, out [B, H, head_dim] = 0)``, float64, on ``x``'s device
+        (``aaren.functional.empty_state``). ``step`` from them equals ``step`` from None."""
+        states: List[Tuple[Tensor, Tensor]] = []
+        for layer in self.layers:
+            attention = layer.self_attn
+            states.append(_empty_state(x.size(0), attention.num_heads, attention.head_dim,
+                                       x.dtype, x.device))
+        return states
+
+    @torch.jit.unused
+    def compile_step(self, **compile_options) -> Callable[..., Tuple[Tensor, List[Tuple[Tensor, Tensor]]]]:
+        """The fast path for streaming from Python: ``step`` compiled by ``torch.compile``.
+
+        Returns ``fast_step(x, states=None) -> (y, states)`` with ``step``'s signature and
+        results. ``states=None`` is replaced by ``empty_states(x)`` before the compiled
+        graph is entered, so the first token and the following ones run one graph (a plain
+        ``torch.compile(encoder.step)`` compiles a second graph when the states go from None
+        to tensors). ``compile_options`` go to ``torch.compile``; the defaults are
+        ``fullgraph=True`` and ``options={"cpp_wrapper": True}`` (Inductor calls the
+        graph's kernels from generated C++ rather than Python: less overhead per kernel,
+        which is what a one-token step is made of; a first call takes seconds longer to
+        compile). A new batch size or dtype recompiles, as for any compiled function. The
+        graph reads the module's parameters at every call, so parameter updates are seen
+        (nothing is frozen or cached). Wrong states raise ``step``'s ValueError before
+        compilation.
+
+        For the latency against the layers' arithmetic, see docs/results.md, "The one-token
+        step against its arithmetic" (benchmarks/bench_step_cpu.py).
+        """
+        compile_options.setdefault("fullgraph", True)
+        compile_options.setdefault("options", {"cpp_wrapper": True})
+        compiled = torch.compile(self.step, **compile_options)
+
+        def fast_step(x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
+                      ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+            self._check_states(states)
+            if states is None:
+                if x.dim() != 2:
+                    raise ValueError(f"AarenEncoder.step: expected x of shape [B, E], got "
+                                     f"{list(x.shape)}")
+                states = self.empty_states(x)
+            return compiled(x, states)
+        return fast_step
+
     @torch.jit.export
     def step(self, x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
              ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
-        """One token ``[B, E]`` through every layer."""
+        """One token ``[B, E]`` through every layer. For a compiled step without a
+        recompile after the first token, see ``compile_step``."""
         self._check_states(states)
         output = x
         new_states: List[Tuple[Tensor, Tensor]] = []
