@@ -737,7 +737,8 @@ class AarenEncoder(nn.Module):
         graph is entered, so the first token and the following ones run one graph (a plain
         ``torch.compile(encoder.step)`` compiles a second graph when the states go from None
         to tensors). ``compile_options`` go to ``torch.compile``; the defaults are
-        ``fullgraph=True`` and ``options={"cpp_wrapper": True}`` (Inductor calls the
+        ``fullgraph=True`` and, for Inductor without a ``mode``,
+        ``options={"cpp_wrapper": True}`` (Inductor calls the
         graph's kernels from generated C++ rather than Python: less overhead per kernel,
         which is what a one-token step is made of; a first call takes seconds longer to
         compile). A new batch size or dtype recompiles, as for any compiled function. The
@@ -749,7 +750,8 @@ class AarenEncoder(nn.Module):
         step against its arithmetic" (benchmarks/bench_step_cpu.py).
         """
         compile_options.setdefault("fullgraph", True)
-        compile_options.setdefault("options", {"cpp_wrapper": True})
+        if "mode" not in compile_options and compile_options.get("backend", "inductor") == "inductor":
+            compile_options.setdefault("options", {"cpp_wrapper": True})
         compiled = torch.compile(self.step, **compile_options)
 
         def fast_step(x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
