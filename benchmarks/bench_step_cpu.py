@@ -74,6 +74,9 @@ def timed(fn):
 
 
 def measure(E, layers, batch, tokens, compile_step, block):
+    # A plain torch.compile(stack.step) of every size shares AarenEncoder.step's compiled-graph
+    # cache, whose limit the grid would exceed (compile_step has one of its own).
+    torch._dynamo.reset()
     torch.manual_seed(0)
     stack, transformer, _ = build_stacks(E, HEADS, layers)
     stack.eval()

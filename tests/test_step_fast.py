@@ -307,3 +307,39 @@ def test_compile_step_other_backend_and_errors():
             fast(xs[0], stack.empty_states(xs[0])[:1])
         with pytest.raises(ValueError, match=r"shape \[B, E\]"):
             fast(xs)
+
+
+def test_value_projection_with_a_hook_or_a_wrapper_is_called():
+    """A v_proj that is not a plain nn.Linear, or one with a hook, is called as a module
+    by step (as by forward), not bypassed through its weight."""
+    class Scaled(nn.Linear):  # a wrapper that changes the output, as a LoRA layer would
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    x = torch.randn(5, 2, E, dtype=torch.float64)
+    for change in ("hook", "subclass"):
+        attention = make_attention()
+        if change == "hook":
+            attention.v_proj.register_forward_hook(lambda module, args, out: out * 3.0)
+        else:
+            scaled = Scaled(E, E, dtype=torch.float64)
+            scaled.load_state_dict(attention.v_proj.state_dict())
+            attention.v_proj = scaled
+        with torch.no_grad():
+            got, _ = stream(attention, x)
+            want = attention(x, x, x)[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_compile_steps_of_many_encoders_do_not_share_a_cache():
+    """Each compile_step has its own compiled-graph cache: more encoders than Dynamo's
+    recompile limit (8 graphs per code object) all stay compiled (fullgraph would raise)."""
+    torch._dynamo.reset()
+    x = torch.randn(1, E)
+    with torch.no_grad():
+        for layers in range(1, torch._dynamo.config.recompile_limit + 3):  # graphs differ
+            stack = AarenEncoder(AarenEncoderLayer(E, H, 16, dropout=0.0), layers).eval()
+            fast = stack.compile_step(backend="eager")
+            y, states = fast(x)
+            torch.testing.assert_close(fast(x, states)[0], stack.step(x, states)[0],
+                                       rtol=1e-6, atol=1e-6)

@@ -148,7 +148,8 @@ class Aaren(nn.Module):
     gradients reach ``query`` and ``k_proj`` through that product. ``step`` stacks it on
     ``v_proj`` ([H + E, E]: one matrix-vector product per token) and, in eval mode with
     autograd off, keeps that matrix between calls until a parameter it comes from changes
-    (``v_proj`` is not called as a module in ``step`` either; see ``step``).
+    (``v_proj`` is then not called as a module in ``step``: that is done only when it is a
+    plain ``nn.Linear`` without hooks; anything else is called as before).
 
     Differences from ``nn.MultiheadAttention``: the ``query`` argument only fixes shapes
     (it must have the shape of ``key``; queries are learned); ``key`` gives the scores and
@@ -516,14 +517,29 @@ class Aaren(nn.Module):
                              f"got {list(x.shape)}")
         if torch.jit.is_scripting():
             weight, bias = self._step_projection()
-        else:
+        elif self._plain_value_projection():
             weight, bias = self._cached_step_projection()
+        else:  # v_proj called as a module: its hooks, or whatever replaced it, take part
+            score_weight, score_bias = self._score_projection()
+            score = F.linear(x, score_weight, score_bias)
+            value = self.v_proj(x).view(x.size(0), self.num_heads, self.head_dim)
+            out, new_state = _step(score.to(value.dtype), self._drop_tokens(value), state)
+            return self.out_proj(out.flatten(1)), new_state
         projected = F.linear(x, weight, bias)  # [B, H + E]: scores, then values
         score = projected[:, :self.num_heads]
         # A view (last dimension contiguous): aaren.step reads it through its strides.
         value = projected[:, self.num_heads:].view(x.size(0), self.num_heads, self.head_dim)
         out, new_state = _step(score, self._drop_tokens(value), state)
         return self.out_proj(out.flatten(1)), new_state
+
+    @torch.jit.unused
+    def _plain_value_projection(self) -> bool:
+        """Whether ``v_proj`` is a plain ``nn.Linear`` without hooks, so that ``step`` may
+        use its weight inside the stacked projection instead of calling it (a subclass, a
+        wrapper such as a LoRA layer, or a hook would then be bypassed)."""
+        v_proj = self._modules["v_proj"]
+        return type(v_proj) is nn.Linear and not v_proj._forward_hooks and \
+            not v_proj._forward_pre_hooks
 
 
 def _activation_fn(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
@@ -743,8 +759,10 @@ class AarenEncoder(nn.Module):
         which is what a one-token step is made of; a first call takes seconds longer to
         compile). A new batch size or dtype recompiles, as for any compiled function. The
         graph reads the module's parameters at every call, so parameter updates are seen
-        (nothing is frozen or cached). Wrong states raise ``step``'s ValueError before
-        compilation.
+        (nothing is frozen or cached). Each ``compile_step`` result keeps its own compiled
+        graphs (Dynamo's limit of 8 per code object is not shared with other encoders or
+        with ``torch.compile(encoder.step)``). Wrong states raise ``step``'s ValueError
+        before compilation.
 
         For the latency against the layers' arithmetic, see docs/results.md, "The one-token
         step against its arithmetic" (benchmarks/bench_step_cpu.py).
@@ -752,7 +770,17 @@ class AarenEncoder(nn.Module):
         compile_options.setdefault("fullgraph", True)
         if "mode" not in compile_options and compile_options.get("backend", "inductor") == "inductor":
             compile_options.setdefault("options", {"cpp_wrapper": True})
-        compiled = torch.compile(self.step, **compile_options)
+
+        def graph(x: Tensor, states: List[Tuple[Tensor, Tensor]]
+                  ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+            return self.step(x, states)
+
+        # Dynamo keeps its compiled graphs per code object, at most recompile_limit (8) of
+        # them: compiling `self.step` itself would make every encoder, batch size and dtype
+        # share AarenEncoder.step's 8, and past them fall back to eager (or fail, with
+        # fullgraph). A copy of the code object gives this encoder a cache of its own.
+        graph.__code__ = graph.__code__.replace()
+        compiled = torch.compile(graph, **compile_options)
 
         def fast_step(x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
                       ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
