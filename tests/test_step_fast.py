@@ -305,8 +305,14 @@ def test_compile_step_other_backend_and_errors():
         torch.testing.assert_close(stream(fast, xs)[0], stream(stack, xs)[0], rtol=1e-6, atol=1e-6)
         with pytest.raises(ValueError, match="expected 2 states"):
             fast(xs[0], stack.empty_states(xs[0])[:1])
-        with pytest.raises(ValueError, match=r"shape \[B, E\]"):
-            fast(xs)
+        states = stack.empty_states(xs[0])
+        for bad in (xs, torch.randn(1, E + 1)):  # with and without states
+            with pytest.raises(ValueError, match=r"shape \[B, E\]"):
+                fast(bad)
+            with pytest.raises(ValueError, match=r"shape \[B, E\]"):
+                fast(bad, states)
+        with pytest.raises(RuntimeError, match="batch dimension has 1 where values has 3"):
+            fast(torch.randn(3, E), states)  # states of batch 1
 
 
 def test_value_projection_with_a_hook_or_a_wrapper_is_called():

@@ -784,11 +784,14 @@ class AarenEncoder(nn.Module):
 
         def fast_step(x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
                       ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
+            # Checked here: inside a fullgraph compilation a ValueError would surface as
+            # Dynamo's "Unsupported: Observed exception" instead.
             self._check_states(states)
+            width = self.layers[0].self_attn.embed_dim if self.num_layers else x.size(-1)
+            if x.dim() != 2 or x.size(-1) != width:
+                raise ValueError(f"AarenEncoder.step: expected x of shape [B, E] with "
+                                 f"E={width}, got {list(x.shape)}")
             if states is None:
-                if x.dim() != 2:
-                    raise ValueError(f"AarenEncoder.step: expected x of shape [B, E], got "
-                                     f"{list(x.shape)}")
                 states = self.empty_states(x)
             return compiled(x, states)
         return fast_step
