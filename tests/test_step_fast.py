@@ -311,7 +311,7 @@ def test_compile_step_other_backend_and_errors():
                 fast(bad)
             with pytest.raises(ValueError, match=r"shape \[B, E\]"):
                 fast(bad, states)
-        with pytest.raises(RuntimeError, match="batch dimension has 1 where values has 3"):
+        with pytest.raises(RuntimeError, match="batch dimension has 1 where values has"):
             fast(torch.randn(3, E), states)  # states of batch 1
 
 
