@@ -761,8 +761,9 @@ class AarenEncoder(nn.Module):
         graph reads the module's parameters at every call, so parameter updates are seen
         (nothing is frozen or cached). Each ``compile_step`` result keeps its own compiled
         graphs (Dynamo's limit of 8 per code object is not shared with other encoders or
-        with ``torch.compile(encoder.step)``). Wrong states raise ``step``'s ValueError
-        before compilation.
+        with ``torch.compile(encoder.step)``). An ``x`` that is not ``[B, E]`` or a wrong
+        number of states raises ``step``'s ValueError before the graph is entered; states
+        of another batch size raise ``aaren.step``'s RuntimeError (as Dynamo wraps it).
 
         For the latency against the layers' arithmetic, see docs/results.md, "The one-token
         step against its arithmetic" (benchmarks/bench_step_cpu.py).
