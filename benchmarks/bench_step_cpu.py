@@ -13,7 +13,7 @@ from block to block; the blocks alternate, so the variants share the machine's l
   - scripted: `torch.jit.script(stack).step` (TorchScript, from Python);
   - compiled (with --compile): `torch.compile(stack.step)`, as a user would write it;
   - fast (with --compile): `stack.compile_step()`, the package's documented fast path for
-    Python (Inductor with its C++ wrapper, one graph from the first token on);
+    Python (one graph from the first token on, its own compiled-graph cache);
   - Transformer: `aaren.baselines.KVCacheTransformer.step` (eager, preallocated cache) against
     the eager Aaren step over the first 16 tokens of fresh streams, the two alternating token
     by token: the median ratio, and the smallest ratio at any one position 1..16.

@@ -274,7 +274,7 @@ def test_empty_states_equal_none():
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_compile_step_equals_eager_in_one_graph(context):
-    """Default options (Inductor, C++ wrapper): the compiled stream equals the eager one,
+    """Default options (Inductor): the compiled stream equals the eager one,
     without a recompile when the states go from None to tensors, and sees parameter
     updates."""
     torch._dynamo.reset()

@@ -752,12 +752,9 @@ class AarenEncoder(nn.Module):
         results. ``states=None`` is replaced by ``empty_states(x)`` before the compiled
         graph is entered, so the first token and the following ones run one graph (a plain
         ``torch.compile(encoder.step)`` compiles a second graph when the states go from None
-        to tensors). ``compile_options`` go to ``torch.compile``; the defaults are
-        ``fullgraph=True`` and, for Inductor without a ``mode``,
-        ``options={"cpp_wrapper": True}`` (Inductor calls the
-        graph's kernels from generated C++ rather than Python: less overhead per kernel,
-        which is what a one-token step is made of; a first call takes seconds longer to
-        compile). A new batch size or dtype recompiles, as for any compiled function. The
+        to tensors). ``compile_options`` go to ``torch.compile`` (default
+        ``fullgraph=True``). A new batch size or dtype recompiles, as for any compiled
+        function. The
         graph reads the module's parameters at every call, so parameter updates are seen
         (nothing is frozen or cached). Each ``compile_step`` result keeps its own compiled
         graphs (Dynamo's limit of 8 per code object is not shared with other encoders or
@@ -769,8 +766,6 @@ class AarenEncoder(nn.Module):
         step against its arithmetic" (benchmarks/bench_step_cpu.py).
         """
         compile_options.setdefault("fullgraph", True)
-        if "mode" not in compile_options and compile_options.get("backend", "inductor") == "inductor":
-            compile_options.setdefault("options", {"cpp_wrapper": True})
 
         def graph(x: Tensor, states: List[Tuple[Tensor, Tensor]]
                   ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
@@ -783,13 +778,15 @@ class AarenEncoder(nn.Module):
         graph.__code__ = graph.__code__.replace()
         compiled = torch.compile(graph, **compile_options)
 
+        # Looked up once: nn.Module attribute lookups cost about 1 us each, per token.
+        width = self.layers[0].self_attn.embed_dim if self.num_layers else None
+
         def fast_step(x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
                       ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
             # Checked here: inside a fullgraph compilation a ValueError would surface as
             # Dynamo's "Unsupported: Observed exception" instead.
             self._check_states(states)
-            width = self.layers[0].self_attn.embed_dim if self.num_layers else x.size(-1)
-            if x.dim() != 2 or x.size(-1) != width:
+            if x.dim() != 2 or (width is not None and x.size(-1) != width):
                 raise ValueError(f"AarenEncoder.step: expected x of shape [B, E] with "
                                  f"E={width}, got {list(x.shape)}")
             if states is None:
