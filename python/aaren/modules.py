@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .functional import scan as _scan
 from .functional import step as _step
 from .functional import empty_state as _empty_state
+from . import _fast_step
 
 __all__ = ["Aaren", "AarenEncoderLayer", "AarenEncoder", "convert"]
 
@@ -38,12 +39,6 @@ def drop_token_contributions(values: Tensor, p: float, training: bool) -> Tensor
         return values
     keep = F.dropout(torch.ones_like(values[..., :1]), p=p, training=True)
     return values * keep
-
-
-def _stamps(tensors) -> List[Tuple[int, int]]:
-    """(version counter, storage address) of each tensor (None -> (0, 0)): what changes
-    when a parameter is written in place or given new data."""
-    return [(0, 0) if t is None else (t._version, t.data_ptr()) for t in tensors]
 
 
 def _masked_at_or_below() -> float:
@@ -300,50 +295,12 @@ class Aaren(nn.Module):
 
     @torch.jit.unused
     def _cached_step_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """``_step_projection()``, kept between ``step`` calls while nothing can go stale.
-
-        Used only in eval mode with autograd off (``torch.no_grad`` / ``torch.inference_mode``),
-        outside tracing and compilation (a compiled graph computes the projection itself).
-        The cache holds the source parameters (``query``, ``k_proj``'s and ``v_proj``'s
-        weights and biases) and is used only while each is the same object with the same
-        version counter (bumped by every in-place write: optimizer steps,
-        ``load_state_dict``'s copies) and storage address; it also holds detached references
-        to their storages, so no other tensor can take over an address while it lives.
-        ``_apply`` (``.to()``, ``.half()``, ...), ``load_state_dict`` and
-        ``train()``/``eval()`` drop it. Writes through ``.data`` bypass version counters (as
-        they bypass autograd): after those, call ``eval()`` again. Parameters without a
-        version counter (created under ``torch.inference_mode``) are never cached.
-        (Hand-written: PyTorch has no facility for memoizing a function of parameters.)
-        """
-        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or \
-                torch.compiler.is_compiling():
-            return self._step_projection()
-        # The registries themselves: nn.Module.__getattr__ costs about 1 us a lookup, more
-        # than the rest of the check. A parameter that is not a plain entry there (a
-        # parametrization, a wrapped projection) is never cached.
-        k_params = self._modules["k_proj"]._parameters
-        v_params = self._modules["v_proj"]._parameters
-        try:
-            sources = (self._parameters["query"], k_params["weight"], k_params["bias"],
-                       v_params["weight"], v_params["bias"])
-        except KeyError:
-            self._drop_step_cache()
-            return self._step_projection()
-        cache = self.__dict__.get("_step_cache")
-        if cache is not None:
-            held, stamps, _, weight, bias = cache
-            if all(p is h for p, h in zip(sources, held)) and _stamps(sources) == stamps:
-                return weight, bias
-        weight, bias = self._step_projection()
-        if any(p is not None and p.is_inference() for p in sources):
-            self._drop_step_cache()
-            return weight, bias
-        storages = [p.detach() for p in sources if p is not None]
-        self.__dict__["_step_cache"] = (sources, _stamps(sources), storages, weight, bias)
-        return weight, bias
+        """``_step_projection()``, kept between ``step`` calls while nothing can go stale
+        (eval mode, autograd off; ``aaren._fast_step.cached_step_projection``)."""
+        return _fast_step.cached_step_projection(self)
 
     def _drop_step_cache(self) -> None:
-        self.__dict__.pop("_step_cache", None)
+        _fast_step.drop_step_cache(self)
 
     def _apply(self, fn, recurse=True):
         self._drop_step_cache()
@@ -359,10 +316,7 @@ class Aaren(nn.Module):
 
     def __getstate__(self):
         # Copies and pickles (copy.deepcopy, torch.save of the module) start without a cache.
-        state = super().__getstate__()
-        state = dict(state)
-        state.pop("_step_cache", None)
-        return state
+        return _fast_step.without_step_cache(super().__getstate__())
 
     def _drop_tokens(self, values: Tensor) -> Tensor:
         return drop_token_contributions(values, self.dropout, self.training)
@@ -754,9 +708,8 @@ class AarenEncoder(nn.Module):
         ``torch.compile(encoder.step)`` compiles a second graph when the states go from None
         to tensors). ``compile_options`` go to ``torch.compile`` (default
         ``fullgraph=True``). A new batch size or dtype recompiles, as for any compiled
-        function. The
-        graph reads the module's parameters at every call, so parameter updates are seen
-        (nothing is frozen or cached). Each ``compile_step`` result keeps its own compiled
+        function. The graph reads the module's parameters at every call, so parameter
+        updates are seen (nothing is frozen or cached). Each ``compile_step`` result keeps its own compiled
         graphs (Dynamo's limit of 8 per code object is not shared with other encoders or
         with ``torch.compile(encoder.step)``). An ``x`` that is not ``[B, E]`` or a wrong
         number of states raises ``step``'s ValueError before the graph is entered; states
@@ -765,34 +718,7 @@ class AarenEncoder(nn.Module):
         For the latency against the layers' arithmetic, see docs/results.md, "The one-token
         step against its arithmetic" (benchmarks/bench_step_cpu.py).
         """
-        compile_options.setdefault("fullgraph", True)
-
-        def graph(x: Tensor, states: List[Tuple[Tensor, Tensor]]
-                  ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
-            return self.step(x, states)
-
-        # Dynamo keeps its compiled graphs per code object, at most recompile_limit (8) of
-        # them: compiling `self.step` itself would make every encoder, batch size and dtype
-        # share AarenEncoder.step's 8, and past them fall back to eager (or fail, with
-        # fullgraph). A copy of the code object gives this encoder a cache of its own.
-        graph.__code__ = graph.__code__.replace()
-        compiled = torch.compile(graph, **compile_options)
-
-        # Looked up once: nn.Module attribute lookups cost about 1 us each, per token.
-        width = self.layers[0].self_attn.embed_dim if self.num_layers else None
-
-        def fast_step(x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
-                      ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
-            # Checked here: inside a fullgraph compilation a ValueError would surface as
-            # Dynamo's "Unsupported: Observed exception" instead.
-            self._check_states(states)
-            if x.dim() != 2 or (width is not None and x.size(-1) != width):
-                raise ValueError(f"AarenEncoder.step: expected x of shape [B, E] with "
-                                 f"E={width}, got {list(x.shape)}")
-            if states is None:
-                states = self.empty_states(x)
-            return compiled(x, states)
-        return fast_step
+        return _fast_step.compile_step(self, **compile_options)
 
     @torch.jit.export
     def step(self, x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
