@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from .functional import scan as _scan
 from .functional import step as _step
+from .functional import empty_state as _empty_state
+from . import _fast_step
 
 __all__ = ["Aaren", "AarenEncoderLayer", "AarenEncoder", "convert"]
 
@@ -138,7 +140,11 @@ class Aaren(nn.Module):
     The key projection is folded into the query: the scores are computed by a [H, E]
     projection ``(q_h^T W_{k,h}) / sqrt(head_dim)`` built at each call, so no [B, N, E] key
     tensor is formed and ``k_proj`` is never called as a module (hooks on it do not fire);
-    gradients reach ``query`` and ``k_proj`` through that product.
+    gradients reach ``query`` and ``k_proj`` through that product. ``step`` stacks it on
+    ``v_proj`` ([H + E, E]: one matrix-vector product per token) and, in eval mode with
+    autograd off, keeps that matrix between calls until a parameter it comes from changes
+    (``v_proj`` is then not called as a module in ``step``: that is done only when it is a
+    plain ``nn.Linear`` without hooks; anything else is called as before).
 
     Differences from ``nn.MultiheadAttention``: the ``query`` argument only fixes shapes
     (it must have the shape of ``key``; queries are learned); ``key`` gives the scores and
@@ -270,6 +276,47 @@ class Aaren(nn.Module):
         if b_k is not None:
             bias = (q.to(b_k.dtype) * b_k.reshape(self.num_heads, self.head_dim)).sum(-1)
         return weight, bias
+
+    def _step_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The score and value projections of ``step`` as one: weight [H + E, E] (rows 0..H-1
+        the folded score projection, rows H.. ``v_proj``'s) and bias [H + E] (None when
+        neither projection has one), so one ``addmm`` gives a token's scores and values."""
+        score_weight, score_bias = self._score_projection()
+        v_weight = self.v_proj.weight
+        weight = torch.cat([score_weight.to(v_weight.dtype), v_weight], 0)
+        v_bias = self.v_proj.bias
+        if score_bias is None and v_bias is None:
+            return weight, None
+        if score_bias is None:
+            score_bias = torch.zeros(self.num_heads, dtype=weight.dtype, device=weight.device)
+        if v_bias is None:
+            v_bias = torch.zeros(self.embed_dim, dtype=weight.dtype, device=weight.device)
+        return weight, torch.cat([score_bias.to(weight.dtype), v_bias.to(weight.dtype)], 0)
+
+    @torch.jit.unused
+    def _cached_step_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """``_step_projection()``, kept between ``step`` calls while nothing can go stale
+        (eval mode, autograd off; ``aaren._fast_step.cached_step_projection``)."""
+        return _fast_step.cached_step_projection(self)
+
+    def _drop_step_cache(self) -> None:
+        _fast_step.drop_step_cache(self)
+
+    def _apply(self, fn, recurse=True):
+        self._drop_step_cache()
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self._drop_step_cache()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_step_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        # Copies and pickles (copy.deepcopy, torch.save of the module) start without a cache.
+        return _fast_step.without_step_cache(super().__getstate__())
 
     def _drop_tokens(self, values: Tensor) -> Tensor:
         return drop_token_contributions(values, self.dropout, self.training)
@@ -410,15 +457,43 @@ class Aaren(nn.Module):
 
         Running ``step`` over a sequence gives the outputs of ``forward`` over it; the state
         is as in ``prefill`` and its size never grows.
+
+        Scores and values come from one product with the [H + E, E] stack of the folded
+        score projection and ``v_proj``. In eval mode under ``torch.no_grad()`` or
+        ``torch.inference_mode()`` that stack is cached between calls and rebuilt as soon as
+        ``query``, ``k_proj`` or ``v_proj`` change (in-place writes, replaced parameters,
+        ``.to()``, ``load_state_dict``, ``train()``/``eval()``; writes through ``.data``
+        are invisible to it, as to autograd: call ``eval()`` after them). In training mode,
+        with autograd on, under tracing or compilation it is built at every call.
         """
         if x.dim() != 2 or x.size(-1) != self.embed_dim:
             raise ValueError(f"Aaren.step: expected x of shape [B, E] with E={self.embed_dim}, "
                              f"got {list(x.shape)}")
-        weight, bias = self._score_projection()
-        score = F.linear(x, weight, bias)  # [B, H]
-        value = self._drop_tokens(self.v_proj(x).view(x.size(0), self.num_heads, self.head_dim))
-        out, new_state = _step(score.to(value.dtype), value, state)
+        if torch.jit.is_scripting():
+            weight, bias = self._step_projection()
+        elif self._plain_value_projection():
+            weight, bias = self._cached_step_projection()
+        else:  # v_proj called as a module: its hooks, or whatever replaced it, take part
+            score_weight, score_bias = self._score_projection()
+            score = F.linear(x, score_weight, score_bias)
+            value = self.v_proj(x).view(x.size(0), self.num_heads, self.head_dim)
+            out, new_state = _step(score.to(value.dtype), self._drop_tokens(value), state)
+            return self.out_proj(out.flatten(1)), new_state
+        projected = F.linear(x, weight, bias)  # [B, H + E]: scores, then values
+        score = projected[:, :self.num_heads]
+        # A view (last dimension contiguous): aaren.step reads it through its strides.
+        value = projected[:, self.num_heads:].view(x.size(0), self.num_heads, self.head_dim)
+        out, new_state = _step(score, self._drop_tokens(value), state)
         return self.out_proj(out.flatten(1)), new_state
+
+    @torch.jit.unused
+    def _plain_value_projection(self) -> bool:
+        """Whether ``v_proj`` is a plain ``nn.Linear`` without hooks, so that ``step`` may
+        use its weight inside the stacked projection instead of calling it (a subclass, a
+        wrapper such as a LoRA layer, or a hook would then be bypassed)."""
+        v_proj = self._modules["v_proj"]
+        return type(v_proj) is nn.Linear and not v_proj._forward_hooks and \
+            not v_proj._forward_pre_hooks
 
 
 def _activation_fn(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
@@ -611,10 +686,45 @@ class AarenEncoder(nn.Module):
             output = self.norm(output)
         return output, new_states
 
+    @torch.jit.unused
+    def empty_states(self, x: Tensor) -> List[Tuple[Tensor, Tensor]]:
+        """The states before any token for a batch shaped like ``x`` ([B, E]): per layer
+        ``(lse [B, H] = -inf, out [B, H, head_dim] = 0)``, float64, on ``x``'s device
+        (``aaren.functional.empty_state``). ``step`` from them equals ``step`` from None."""
+        states: List[Tuple[Tensor, Tensor]] = []
+        for layer in self.layers:
+            attention = layer.self_attn
+            states.append(_empty_state(x.size(0), attention.num_heads, attention.head_dim,
+                                       x.dtype, x.device))
+        return states
+
+    @torch.jit.unused
+    def compile_step(self, **compile_options) -> Callable[..., Tuple[Tensor, List[Tuple[Tensor, Tensor]]]]:
+        """The fast path for streaming from Python: ``step`` compiled by ``torch.compile``.
+
+        Returns ``fast_step(x, states=None) -> (y, states)`` with ``step``'s signature and
+        results. ``states=None`` is replaced by ``empty_states(x)`` before the compiled
+        graph is entered, so the first token and the following ones run one graph (a plain
+        ``torch.compile(encoder.step)`` compiles a second graph when the states go from None
+        to tensors). ``compile_options`` go to ``torch.compile`` (default
+        ``fullgraph=True``). A new batch size or dtype recompiles, as for any compiled
+        function. The graph reads the module's parameters at every call, so parameter
+        updates are seen (nothing is frozen or cached). Each ``compile_step`` result keeps its own compiled
+        graphs (Dynamo's limit of 8 per code object is not shared with other encoders or
+        with ``torch.compile(encoder.step)``). An ``x`` that is not ``[B, E]`` or a wrong
+        number of states raises ``step``'s ValueError before the graph is entered; states
+        of another batch size raise ``aaren.step``'s RuntimeError (as Dynamo wraps it).
+
+        For the latency against the layers' arithmetic, see docs/results.md, "The one-token
+        step against its arithmetic" (benchmarks/bench_step_cpu.py).
+        """
+        return _fast_step.compile_step(self, **compile_options)
+
     @torch.jit.export
     def step(self, x: Tensor, states: Optional[List[Tuple[Tensor, Tensor]]] = None
              ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
-        """One token ``[B, E]`` through every layer."""
+        """One token ``[B, E]`` through every layer. For a compiled step without a
+        recompile after the first token, see ``compile_step``."""
         self._check_states(states)
         output = x
         new_states: List[Tuple[Tensor, Tensor]] = []
