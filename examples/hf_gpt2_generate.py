@@ -10,7 +10,8 @@
    `(lse, out)` state per layer. Its size is printed against the `DynamicCache` of the same
    model left unconverted, after the same number of tokens.
 
-Run: python examples/hf_gpt2_generate.py          (CPU: 3 minutes on a shared 2-core machine)
+Run: python examples/hf_gpt2_generate.py          (CPU: 3 minutes on a 2-core machine, several
+                                                   times that while other jobs load it)
      python examples/hf_gpt2_generate.py --smoke  (seconds: a few steps, a few tokens)
 """
 import argparse

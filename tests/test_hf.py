@@ -400,6 +400,12 @@ def test_save_and_load_round_trip(family, tmp_path):
     (gpt2() if family == "gpt2" else llama()).save_pretrained(plain)
     with pytest.raises(ValueError, match="not a model saved after aaren.hf.convert"):
         ah.from_pretrained(cls, str(plain))
+    # HF's own loader cannot rebuild the converted modules: the model it builds must refuse
+    # to run (a random q_proj in place of the learned query), not run silently.
+    wrong = cls.from_pretrained(str(tmp_path))
+    assert wrong.config._attn_implementation == "aaren"
+    with pytest.raises(RuntimeError, match=r"aaren\.hf\.from_pretrained"):
+        wrong(ids)
 
 
 # ------------------------------------------------------------------ refusals
@@ -415,10 +421,13 @@ def test_cross_attention_is_refused_before_anything_changes():
 
 
 def test_bidirectional_encoder_is_refused():
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=64)
-    with pytest.raises(ValueError, match="bidirectional"):
+    with pytest.raises(ValueError, match="bidirectional") as error:
         ah.convert(BertModel(config))
+    # one reason per layer: the wrapper BertAttention does not repeat its inner module's
+    lines = str(error.value).splitlines()[1:]
+    assert len(lines) == 2 and all("bidirectional" in line for line in lines), lines
 
 
 def test_sliding_window_layers_are_refused():
@@ -436,6 +445,8 @@ def test_sliding_window_layers_are_refused():
 def test_bad_names_and_unsupported_modules_are_refused():
     with pytest.raises(ValueError, match="no modules named"):
         ah.convert(gpt2(), names=["transformer.h.9.attn"])
+    with pytest.raises(TypeError, match=r"names=\['transformer.h.0.attn'\]"):
+        ah.convert(gpt2(), names="transformer.h.0.attn")
     with pytest.raises(ValueError, match="not one of the supported"):
         ah.convert(gpt2(), names=["transformer.h.0.mlp"])
     model = ah.convert(gpt2(), names=["transformer.h.1.attn"])  # only some layers: allowed
@@ -494,3 +505,12 @@ def test_encoder_decoder_models_are_refused():
     config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
     with pytest.raises(ValueError, match="encoder-decoder"):
         ah.convert(T5ForConditionalGeneration(config))
+
+
+def test_a_cache_reused_for_another_batch_is_refused():
+    model = converted(llama())
+    cache = ah.AarenCache(model.config)
+    model(prompt(), past_key_values=cache, use_cache=True)
+    other = prompt(batch=3, n=3)
+    with pytest.raises(ValueError, match="use a new AarenCache for a new batch"):
+        model(other, past_key_values=cache, use_cache=True)

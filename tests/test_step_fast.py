@@ -270,6 +270,9 @@ def test_empty_states_equal_none():
     torch.testing.assert_close(y_empty, y_none, rtol=0, atol=0)
     for a, b in zip(s_empty, s_none):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for bad in (torch.randn(E), torch.randn(3, E + 1), torch.randn(2, 3, E)):  # as step refuses
+        with pytest.raises(ValueError, match=r"empty_states: expected x of shape \[B, E\]"):
+            stack.empty_states(bad)
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])

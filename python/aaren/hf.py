@@ -73,7 +73,9 @@ def _attention_function(module, query, key, value, attention_mask, **kwargs):
     raise RuntimeError(
         f"attn_implementation='aaren' needs the attention modules converted by "
         f"aaren.hf.convert(model); {type(module).__name__} (layer "
-        f"{getattr(module, 'layer_idx', '?')}) is not converted")
+        f"{getattr(module, 'layer_idx', '?')}) is not converted (a model saved after "
+        f"aaren.hf.convert loads with aaren.hf.from_pretrained(cls, path), not "
+        f"cls.from_pretrained(path))")
 
 
 def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
@@ -328,6 +330,12 @@ class _AarenHFAttention(nn.Module):
             scores = scores.masked_fill(~attention_mask.to(torch.bool).unsqueeze(-1), float("-inf"))
         layer = None if past_key_values is None else _layer_in(past_key_values, self.layer_idx)
         state = None if layer is None else layer.state
+        if state is not None and state[0].size(0) != batch:
+            raise ValueError(
+                f"Aaren (layer {self.layer_idx}): the cache holds the state of a batch of "
+                f"{state[0].size(0)} after {layer.seen_tokens} tokens, and this call has a batch "
+                f"of {batch}: use a new AarenCache for a new batch (a cache continues the "
+                f"sequences it has seen)")
         if n == 1 and state is not None:
             out, new_state = _step(scores[:, 0], values[:, 0], state)
             out = out.unsqueeze(1)
@@ -457,12 +465,14 @@ def convert(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Modul
     training. Every remaining parameter is used (no unused parameters for DDP).
 
     ``names``: qualified module names to convert (default: every supported attention module).
-    Sets ``config._attn_implementation = "aaren"`` (every config in the model), stores the
+    Sets ``config._attn_implementation = "aaren"`` (every config in the model; the model's
+    own config also saves it as ``attn_implementation``), stores the
     converted names in ``config.aaren_converted`` (saved by ``save_pretrained``; see
     ``from_pretrained``) and ``model.aaren_converted``, and marks the model stateful so that
     ``generate`` refuses assisted decoding. Returns ``model``.
 
-    Raises ValueError, before changing anything, for: encoder-decoder models; cross-attention;
+    Raises TypeError for ``names`` given as one string, and ValueError, before changing
+    anything, for: encoder-decoder models; cross-attention;
     bidirectional attention (e.g. BERT's encoder); sliding-window or chunked layers; any
     other attention class; ``names`` that are not supported attention modules; a model with
     no supported attention.
@@ -473,6 +483,9 @@ def convert(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Modul
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model: its encoder is "
                          f"bidirectional and its decoder uses cross-attention; Aaren replaces "
                          f"only decoder-only causal self-attention")
+    if isinstance(names, str):  # list("a.b") would be its characters
+        raise TypeError(f"aaren.hf.convert: names must be a list of module names, got the "
+                        f"string {names!r} (write names=[{names!r}])")
     wanted = None if names is None else list(names)
     modules = dict(model.named_modules())
     targets: List[Tuple[str, nn.Module]] = []
@@ -484,9 +497,13 @@ def convert(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Modul
         candidates = [(n, modules[n]) for n in wanted]
     else:
         candidates = [(n, m) for n, m in modules.items() if _looks_like_attention(m)]
+    candidate_names = [n for n, _ in candidates]
     for name, module in candidates:
         if isinstance(module, _AarenHFAttention):
             continue  # converted already
+        if (wanted is None and type(module).__name__ not in GPT2_FAMILY | LLAMA_FAMILY
+                and any(other.startswith(name + ".") for other in candidate_names)):
+            continue  # a wrapper (e.g. BertAttention): the attention inside it says why
         reason = _refusal(name, module, getattr(module, "config", config))
         if reason is None:
             targets.append((name, module))
@@ -515,6 +532,12 @@ def convert(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Modul
     if config is not None:  # names relative to `model`, for from_pretrained(type(model), ...)
         previous = getattr(config, _CONFIG_KEY, None) or []
         setattr(config, _CONFIG_KEY, sorted(set(previous) | set(converted)))
+        # Saved as "attn_implementation" in config.json, which transformers reads back on
+        # load: a plain cls.from_pretrained(path) then builds the unconverted attention with
+        # implementation "aaren", whose registered function raises at the first forward (or
+        # transformers refuses the name where aaren.hf is not imported), instead of silently
+        # running a model with a random q_proj.
+        config.attn_implementation = ATTN_IMPLEMENTATION
     previous = getattr(model, "aaren_converted", None)
     model.aaren_converted = (list(previous) if isinstance(previous, list) else []) + converted
     _log.info("aaren.hf.convert replaced %d attention modules: %s", len(converted), ", ".join(converted))
@@ -535,8 +558,9 @@ def from_pretrained(cls, path: str, **kwargs) -> nn.Module:
     eval mode, as ``transformers`` does. Raises ValueError for a checkpoint of an unconverted
     model or one whose tensors do not match.
 
-    (``cls.from_pretrained`` itself would rebuild the unconverted architecture: HF configs
-    do not record a custom attention module.)
+    (``cls.from_pretrained`` itself would rebuild the unconverted architecture, HF configs
+    not recording a custom attention module; the saved config's ``attn_implementation``
+    "aaren" makes that model raise at its first forward, saying to use this function.)
     """
     from safetensors.torch import load_file
 

@@ -690,7 +690,11 @@ class AarenEncoder(nn.Module):
     def empty_states(self, x: Tensor) -> List[Tuple[Tensor, Tensor]]:
         """The states before any token for a batch shaped like ``x`` ([B, E]): per layer
         ``(lse [B, H] = -inf, out [B, H, head_dim] = 0)``, float64, on ``x``'s device
-        (``aaren.functional.empty_state``). ``step`` from them equals ``step`` from None."""
+        (``aaren.functional.empty_state``). ``step`` from them equals ``step`` from None.
+        Raises ValueError for an x that is not [B, E]."""
+        if x.dim() != 2 or x.size(-1) != self.layers[0].self_attn.embed_dim:
+            raise ValueError(f"AarenEncoder.empty_states: expected x of shape [B, E] with "
+                             f"E={self.layers[0].self_attn.embed_dim}, got {list(x.shape)}")
         states: List[Tuple[Tensor, Tensor]] = []
         for layer in self.layers:
             attention = layer.self_attn
