@@ -9,23 +9,24 @@ on the standard files in ../shared/data with the network blocked:
   sktime) load with the standard UEA sizes; a quick run makes the training loss fall for
   both models and keeps the validation split out of training and the test set out of both.
 """
-import importlib.util
 import json
 import math
 import os
-import socket
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from example_scripts import ROOT, load_script
+
 DATA = os.path.join(ROOT, "..", "shared", "data")
 FORECASTING = os.path.join(DATA, "forecasting")
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(DATA),
-    reason="the benchmark data folder ../shared/data (relative to the project root) is absent")
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.isdir(DATA),
+        reason="the benchmark data folder ../shared/data (relative to the project root) is absent"),
+    pytest.mark.usefixtures("no_network", "one_thread"),
+]
 
 # TSLib's window counts (train / val / test) at seq_len 96, horizon 96: the numbers its
 # data loaders print for these files.
@@ -38,21 +39,11 @@ STANDARD_WINDOWS = {
 REQUIRED_KEYS = {"model", "dataset", "horizon", "seed", "mse", "mae", "params", "train_seconds"}
 
 
-def _load(relative_path: str, name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative_path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def forecast():
     pytest.importorskip("pandas")
     pytest.importorskip("tqdm")
-    return _load("examples/forecast.py", "forecast_example")
+    return load_script("examples/forecast.py", "forecast_example")
 
 
 @pytest.fixture(scope="module")
@@ -60,24 +51,7 @@ def uea():
     pytest.importorskip("sktime")
     pytest.importorskip("sklearn")
     pytest.importorskip("tqdm")
-    return _load("examples/classify_uea.py", "classify_uea_example")
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the network was used")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_script("examples/classify_uea.py", "classify_uea_example")
 
 
 @pytest.mark.parametrize("file", sorted(STANDARD_WINDOWS))

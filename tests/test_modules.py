@@ -20,6 +20,7 @@ import aaren
 from aaren import Aaren, AarenEncoder, AarenEncoderLayer, convert
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*TorchScript.*:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:.*nested tensors is in prototype.*:UserWarning"),
@@ -27,16 +28,6 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The sizes here are tiny: intra-op threads only add synchronization, which costs up to
-    10x on a busy 2-core machine. (Multi-threaded kernels are tested with the operators.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------- references

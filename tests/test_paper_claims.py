@@ -8,58 +8,29 @@
   loss fall and the test accuracy beat chance for both models; forecasting runs.
 """
 import csv
-import importlib.util
 import math
 import os
-import socket
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from example_scripts import load_script
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-def _load(relative_path: str, name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative_path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("benchmarks/bench_streaming.py", "bench_streaming")
+    return load_script("benchmarks/bench_streaming.py", "bench_streaming")
 
 
 @pytest.fixture(scope="module")
 def example():
     pytest.importorskip("sktime")
     pytest.importorskip("tqdm")
-    _load("benchmarks/bench_streaming.py", "bench_streaming")
-    return _load("examples/classify_timeseries.py", "classify_timeseries")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models, token-at-a-time loops: one thread (OpenMP threads waiting on each
-    other on a busy 2-core machine made these steps 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the network was used")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    load_script("benchmarks/bench_streaming.py", "bench_streaming")
+    return load_script("examples/classify_timeseries.py", "classify_timeseries")
 
 
 # --------------------------------------------------------------------------- efficiency
