@@ -75,6 +75,7 @@ def cached_step_projection(attention) -> Tuple[Tensor, Optional[Tensor]]:
 
 def compile_step(encoder, **compile_options) -> Callable[..., Tuple[Tensor, List[State]]]:
     """``AarenEncoder.compile_step`` (its docstring says what it gives)."""
+    from .modules import _check_token  # modules imports this file: imported at call time
     compile_options.setdefault("fullgraph", True)
 
     def graph(x: Tensor, states: List[State]) -> Tuple[Tensor, List[State]]:
@@ -94,9 +95,7 @@ def compile_step(encoder, **compile_options) -> Callable[..., Tuple[Tensor, List
         # Checked here: inside a fullgraph compilation a ValueError would surface as
         # Dynamo's "Unsupported: Observed exception" instead.
         encoder._check_states(states)
-        if x.dim() != 2 or (width is not None and x.size(-1) != width):
-            raise ValueError(f"AarenEncoder.step: expected x of shape [B, E] with "
-                             f"E={width}, got {list(x.shape)}")
+        _check_token(x, width, "AarenEncoder.step")
         if states is None:
             states = encoder.empty_states(x)
         return compiled(x, states)

@@ -41,6 +41,13 @@ def drop_token_contributions(values: Tensor, p: float, training: bool) -> Tensor
     return values * keep
 
 
+def _check_token(x: Tensor, embed_dim: Optional[int], where: str) -> None:
+    """One token per batch row: x must be [B, E] (E unchecked when embed_dim is None)."""
+    if x.dim() != 2 or (embed_dim is not None and x.size(-1) != embed_dim):
+        raise ValueError(f"{where}: expected x of shape [B, E] with E={embed_dim}, "
+                         f"got {list(x.shape)}")
+
+
 def _masked_at_or_below() -> float:
     """A float attn_mask entry at or below this value (or -inf) masks its token.
 
@@ -466,9 +473,7 @@ class Aaren(nn.Module):
         are invisible to it, as to autograd: call ``eval()`` after them). In training mode,
         with autograd on, under tracing or compilation it is built at every call.
         """
-        if x.dim() != 2 or x.size(-1) != self.embed_dim:
-            raise ValueError(f"Aaren.step: expected x of shape [B, E] with E={self.embed_dim}, "
-                             f"got {list(x.shape)}")
+        _check_token(x, self.embed_dim, "Aaren.step")
         if torch.jit.is_scripting():
             weight, bias = self._step_projection()
         elif self._plain_value_projection():
@@ -692,9 +697,8 @@ class AarenEncoder(nn.Module):
         ``(lse [B, H] = -inf, out [B, H, head_dim] = 0)``, float64, on ``x``'s device
         (``aaren.functional.empty_state``). ``step`` from them equals ``step`` from None.
         Raises ValueError for an x that is not [B, E]."""
-        if x.dim() != 2 or x.size(-1) != self.layers[0].self_attn.embed_dim:
-            raise ValueError(f"AarenEncoder.empty_states: expected x of shape [B, E] with "
-                             f"E={self.layers[0].self_attn.embed_dim}, got {list(x.shape)}")
+        _check_token(x, self.layers[0].self_attn.embed_dim if self.num_layers else None,
+                     "AarenEncoder.empty_states")
         states: List[Tuple[Tensor, Tensor]] = []
         for layer in self.layers:
             attention = layer.self_attn
