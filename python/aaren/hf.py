@@ -42,7 +42,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from .functional import scan as _scan
 from .functional import step as _step
-from .modules import drop_token_contributions
+from .modules import drop_token_contributions, init_learned_query_
 
 __all__ = ["ATTN_IMPLEMENTATION", "AarenCache", "AarenLayer", "AarenGPT2Attention",
            "AarenLlamaAttention", "DecisionTransformerStream", "cache_bytes", "convert",
@@ -299,7 +299,7 @@ class _AarenHFAttention(nn.Module):
         self.dropout = float(dropout)
         # As aaren.convert: a fresh learned query per head, N(0, 1/2) (docs/modules.md).
         self.query = nn.Parameter(torch.empty(num_heads, head_dim, dtype=dtype, device=device))
-        nn.init.normal_(self.query, std=0.5 ** 0.5)
+        init_learned_query_(self.query)
         self.query.requires_grad_(any(p.requires_grad for p in source.parameters()))
 
     def _keys_values(self, hidden_states: Tensor, position_embeddings) -> Tuple[Tensor, Tensor]:

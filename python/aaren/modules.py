@@ -31,6 +31,12 @@ __all__ = ["Aaren", "AarenEncoderLayer", "AarenEncoder", "convert"]
 _log = logging.getLogger("aaren")
 
 
+def init_learned_query_(query: Tensor) -> Tensor:
+    """Aaren's initialization of a learned query [H, head_dim], in place: N(0, 1/2) per entry
+    (docs/modules.md, "Parameters, initialization, dtype/device"). Returns ``query``."""
+    return nn.init.normal_(query, std=math.sqrt(0.5))
+
+
 def drop_token_contributions(values: Tensor, p: float, training: bool) -> Tensor:
     """Dropout of whole token contributions, the scan's counterpart of dropout on attention
     weights: values [..., H, hd] * mask [..., H, 1] (per batch, token and head), scaled by
@@ -211,7 +217,7 @@ class Aaren(nn.Module):
         for linear in (self.k_proj, self.v_proj, self.out_proj):
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
-        nn.init.normal_(self.query, std=math.sqrt(0.5))
+        init_learned_query_(self.query)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
