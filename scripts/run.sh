@@ -40,7 +40,24 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 export AAREN_CUDA="${AAREN_CUDA:-AUTO}"
 AAREN_BUILD_TESTS="${AAREN_BUILD_TESTS:-1}"  # the C++ tests (GoogleTest): CTest runs them
 
+# No pip cache: it would keep a second copy of the ~3 GB of torch and CUDA wheels, and a fresh
+# machine's disk (CI's included) may be small. (pip reads any value of this variable as "off".)
+export PIP_NO_CACHE_DIR=1
+NEEDED_DISK_GB=7  # a venv with the CUDA build of torch from PyPI and the test tools is ~6.1 GB, plus a wheel in flight
+
 log() { printf '\n== %s\n' "$*"; }
+
+check_disk() {  # check_disk DIR: say so up front when DIR's filesystem looks too full for a venv
+  local dir="$1" free_kb
+  while [ ! -e "$dir" ]; do dir="$(dirname "$dir")"; done
+  free_kb="$(df -Pk "$dir" | awk 'NR == 2 {print $4}')"
+  log "disk: $(( free_kb / 1048576 )) GB free where $VENV goes"
+  if [ "$free_kb" -lt $(( NEEDED_DISK_GB * 1048576 )) ]; then
+    # A warning, not a stop: pip reports the real shortage ("No space left on device") if it comes.
+    echo "warning: a venv with torch $TORCH_VERSION takes about $NEEDED_DISK_GB GB; if pip runs out of" \
+      "space, free some (or point VENV at a larger disk) and rerun" >&2
+  fi
+}
 
 install_system_packages() {
   # GoogleTest for the C++ tests; Debian's packages. Only what is missing.
@@ -60,6 +77,7 @@ install_system_packages() {
 setup() {
   install_system_packages
   if [ ! -x "$VENV/bin/python" ]; then
+    check_disk "$VENV"
     log "creating the virtual environment $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
