@@ -46,6 +46,21 @@ std::tuple<Tensor, Tensor, Tensor> step(const Tensor& score, const Tensor& value
   return op.call(score, value, state_lse, state_out);
 }
 
+std::tuple<Tensor, Tensor, Tensor> attention_step(const Tensor& x, const Tensor& proj_weight,
+                                                  const OptionalTensor& proj_bias,
+                                                  const Tensor& out_weight,
+                                                  const OptionalTensor& out_bias, int64_t num_heads,
+                                                  const OptionalTensor& state_lse,
+                                                  const OptionalTensor& state_out) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("aaren::attention_step", "")
+                             .typed<std::tuple<Tensor, Tensor, Tensor>(
+                                 const Tensor&, const Tensor&, const OptionalTensor&,
+                                 const Tensor&, const OptionalTensor&, int64_t,
+                                 const OptionalTensor&, const OptionalTensor&)>();
+  return op.call(x, proj_weight, proj_bias, out_weight, out_bias, num_heads, state_lse, state_out);
+}
+
 }  // namespace ops
 
 namespace {

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .functional import scan as _scan
 from .functional import step as _step
+from .functional import _check_state
 from .functional import empty_state as _empty_state
 from . import _fast_step
 
@@ -472,39 +473,55 @@ class Aaren(nn.Module):
         is as in ``prefill`` and its size never grows.
 
         Scores and values come from one product with the [H + E, E] stack of the folded
-        score projection and ``v_proj``. In eval mode under ``torch.no_grad()`` or
-        ``torch.inference_mode()`` that stack is cached between calls and rebuilt as soon as
-        ``query``, ``k_proj`` or ``v_proj`` change (in-place writes, replaced parameters,
-        ``.to()``, ``load_state_dict``, ``train()``/``eval()``; writes through ``.data``
-        are invisible to it, as to autograd: call ``eval()`` after them). In training mode,
-        with autograd on, under tracing or compilation it is built at every call.
+        score projection and ``v_proj``, and the whole step (that product, ``aaren.step``,
+        ``out_proj``) is one operator, ``torch.ops.aaren.attention_step``, made of those
+        three calls in C++ (autograd, ``torch.compile`` and export see the three). In eval
+        mode under ``torch.no_grad()`` or ``torch.inference_mode()`` the stack is cached
+        between calls and rebuilt as soon as ``query``, ``k_proj`` or ``v_proj`` change
+        (in-place writes, replaced parameters, ``.to()``, ``load_state_dict``,
+        ``train()``/``eval()``; writes through ``.data`` are invisible to it, as to
+        autograd: call ``eval()`` after them). In training mode, with autograd on, under
+        tracing or compilation it is built at every call. When ``v_proj`` or ``out_proj`` is
+        not a plain ``nn.Linear`` without hooks (a LoRA wrapper, say), or in training with
+        dropout, they are called as modules instead.
         """
         _check_token(x, self.embed_dim, "Aaren.step")
         if torch.jit.is_scripting():
             weight, bias = self._step_projection()
-        elif self._plain_value_projection():
+        elif self._plain_projections():
             weight, bias = self._cached_step_projection()
-        else:  # v_proj called as a module: its hooks, or whatever replaced it, take part
+        else:  # v_proj and out_proj called as modules: their hooks, or whatever replaced them, take part
             score_weight, score_bias = self._score_projection()
             score = F.linear(x, score_weight, score_bias)
             value = self.v_proj(x).view(x.size(0), self.num_heads, self.head_dim)
             out, new_state = _step(score.to(value.dtype), self._drop_tokens(value), state)
             return self.out_proj(out.flatten(1)), new_state
-        projected = F.linear(x, weight, bias)  # [B, H + E]: scores, then values
-        score = projected[:, :self.num_heads]
-        # A view (last dimension contiguous): aaren.step reads it through its strides.
-        value = projected[:, self.num_heads:].view(x.size(0), self.num_heads, self.head_dim)
-        out, new_state = _step(score, self._drop_tokens(value), state)
-        return self.out_proj(out.flatten(1)), new_state
+        if self.training and self.dropout > 0.0:  # token dropout acts between the products
+            projected = F.linear(x, weight, bias)  # [B, H + E]: scores, then values
+            score = projected[:, :self.num_heads]
+            value = projected[:, self.num_heads:].view(x.size(0), self.num_heads, self.head_dim)
+            out, new_state = _step(score, self._drop_tokens(value), state)
+            return self.out_proj(out.flatten(1)), new_state
+        state_lse: Optional[Tensor] = None
+        state_out: Optional[Tensor] = None
+        if state is not None:
+            if not torch.jit.is_scripting():
+                _check_state(state, "Aaren.step")
+            state_lse, state_out = state[0], state[1]
+        y, lse, new_out = torch.ops.aaren.attention_step(
+            x, weight, bias, self.out_proj.weight, self.out_proj.bias, self.num_heads,
+            state_lse, state_out)
+        return y, (lse, new_out)
 
     @torch.jit.unused
-    def _plain_value_projection(self) -> bool:
-        """Whether ``v_proj`` is a plain ``nn.Linear`` without hooks, so that ``step`` may
-        use its weight inside the stacked projection instead of calling it (a subclass, a
-        wrapper such as a LoRA layer, or a hook would then be bypassed)."""
-        v_proj = self._modules["v_proj"]
-        return type(v_proj) is nn.Linear and not v_proj._forward_hooks and \
-            not v_proj._forward_pre_hooks
+    def _plain_projections(self) -> bool:
+        """Whether ``v_proj`` and ``out_proj`` are plain ``nn.Linear`` modules without hooks,
+        so that ``step`` may use their weights directly (stacked, and inside
+        ``aaren.attention_step``) instead of calling them (a subclass, a wrapper such as a
+        LoRA layer, or a hook would then be bypassed)."""
+        modules = self._modules
+        return all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+                   for m in (modules["v_proj"], modules["out_proj"]))
 
 
 def _activation_fn(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:

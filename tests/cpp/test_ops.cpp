@@ -114,6 +114,28 @@ TEST(AarenOps, BadInputThrowsClearError) {
   EXPECT_THROW(aaren::step(scores, values), c10::Error);
 }
 
+TEST(AarenOps, AttentionStepIsProjectionStepProjection) {
+  torch::manual_seed(0);
+  constexpr int64_t E = H * D;
+  const auto x = torch::randn({B, E}, f64());
+  const auto proj_weight = torch::randn({H + E, E}, f64());
+  const auto proj_bias = torch::randn({H + E}, f64());
+  const auto out_weight = torch::randn({7, E}, f64());
+  const auto out_bias = torch::randn({7}, f64());
+  const State state = random_state();
+  const auto [y, lse, state_out] = aaren::ops::attention_step(
+      x, proj_weight, proj_bias, out_weight, out_bias, H, state.lse, state.out);
+  const auto projected = torch::linear(x, proj_weight, proj_bias);
+  const auto [out, next] = aaren::step(projected.narrow(1, 0, H),
+                                       projected.narrow(1, H, E).reshape({B, H, D}), state);
+  EXPECT_TRUE(torch::equal(y, torch::linear(out.flatten(1), out_weight, out_bias)));
+  EXPECT_TRUE(torch::equal(lse, next.lse));
+  EXPECT_TRUE(torch::equal(state_out, next.out));
+  EXPECT_THROW(aaren::ops::attention_step(x, proj_weight, proj_bias, out_weight, out_bias, H + 1,
+                                          std::nullopt, std::nullopt),
+               c10::Error);
+}
+
 TEST(AarenOps, EmptySequenceKeepsTheState) {
   const auto state = random_state();
   const auto [out, final_state] =

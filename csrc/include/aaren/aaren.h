@@ -53,6 +53,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step(const at::Tensor& score,
                                                     const at::Tensor& value,
                                                     const std::optional<at::Tensor>& state_lse,
                                                     const std::optional<at::Tensor>& state_out);
+// A whole Aaren attention step for one token x [B, E]: linear(x, proj_weight, proj_bias)
+// gives the H scores and E values (proj_weight [H + E, E]: the folded score projection
+// stacked on the value projection), step() updates the state, and linear(out, out_weight,
+// out_bias) gives y [B, E_out]. Returns (y, the new state's lse, the new state's out).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_step(
+    const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
+    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out);
 }  // namespace ops
 
 // How this library was built, as a JSON object (what `python -m aaren` prints).
