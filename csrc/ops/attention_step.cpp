@@ -4,26 +4,29 @@
 // Why an operator for three calls: at a token of a small model the step is per-call overhead,
 // not arithmetic (docs/results.md, "The one-token step against its arithmetic"). From Python,
 // each of the step's small operations (a product, two slices, a view, aaren::step, another
-// product, the output projection's module call) costs several microseconds of interpreter
-// and argument parsing; here they are C++ calls through the dispatcher. It is registered as
-// CompositeImplicitAutograd: autograd, autocast, torch.compile and torch.export see the
-// operations it is made of (aten::linear and aaren::step, each with its own autograd, Meta
-// and autocast kernels), so it needs no kernel of its own on any backend.
-#include <ATen/ops/linear.h>
-#include <torch/library.h>
+// product, the output projection's module call) costs microseconds of interpreter, argument
+// parsing and dispatch; the CPU kernel (cpu/attention_step_cpu.cpp) does the products itself
+// and calls the step kernel directly.
+//
+// Registrations: CompositeExplicitAutograd runs the three calls (CUDA and Meta use it, so
+// fake tensors, torch.compile and torch.export work); the Autograd kernel runs them too
+// whenever a gradient is wanted (each records its own backward), and otherwise goes below
+// autograd to the backend's kernel; under autocast the three calls are run so that each is
+// autocast as it would be alone.
+#include "ops/attention_step.h"
 
-#include <optional>
-#include <tuple>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/linear.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
 
 #include "aaren/aaren.h"
 
 namespace aaren::ops {
-namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_step_composite(
-    const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
-    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
-    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
+void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_weight,
+                                 const at::Tensor& out_weight, int64_t num_heads) {
   constexpr const char* op = "aaren.attention_step";
   TORCH_CHECK(x.dim() == 2, op, ": x must have shape [B, E], got shape ", x.sym_sizes());
   TORCH_CHECK(num_heads > 0, op, ": num_heads must be positive, got ", num_heads);
@@ -38,6 +41,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_step_composite(
   TORCH_CHECK(out_weight.dim() == 2 && out_weight.sym_size(1) == width, op,
               ": out_weight must have shape [E_out, E] with E = ", width, ", got shape ",
               out_weight.sym_sizes());
+}
+
+AttentionStepResult attention_step_composite(
+    const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
+    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
+  check_attention_step_inputs(x, proj_weight, out_weight, num_heads);
+  const c10::SymInt& width = x.sym_size(1);
   const at::Tensor projected = at::linear(x, proj_weight, proj_bias);  // [B, H + E]
   const at::Tensor score = projected.narrow_symint(1, 0, num_heads);
   // A view with a contiguous last dimension: aaren::step reads it through its strides.
@@ -47,6 +58,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_step_composite(
   return {at::linear(out.flatten(1), out_weight, out_bias), lse, new_state_out};
 }
 
+namespace {
+
+// A gradient is wanted of an input: backward (requires_grad under grad mode) or forward mode
+// (a tangent at the default level of torch.autograd.forward_ad).
+bool wants_gradient(const at::Tensor& t) {
+  return (at::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(/*level=*/0).defined();
+}
+
+bool wants_gradient(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && wants_gradient(*t);
+}
+
+AttentionStepResult attention_step_autograd(
+    const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
+    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
+  if (wants_gradient(x) || wants_gradient(proj_weight) || wants_gradient(proj_bias) ||
+      wants_gradient(out_weight) || wants_gradient(out_bias) || wants_gradient(state_lse) ||
+      wants_gradient(state_out)) {
+    return attention_step_composite(x, proj_weight, proj_bias, out_weight, out_bias, num_heads,
+                                    state_lse, state_out);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return attention_step(x, proj_weight, proj_bias, out_weight, out_bias, num_heads, state_lse,
+                        state_out);
+}
+
 }  // namespace
 }  // namespace aaren::ops
 
@@ -54,14 +92,27 @@ TORCH_LIBRARY_FRAGMENT(aaren, m) {
   // x [B, E]; proj_weight [H + E, E] and proj_bias [H + E]: the folded score projection
   // (H rows) stacked on the value projection (E rows), as Aaren._step_projection builds it;
   // out_weight [E_out, E], out_bias [E_out]; the state as for step. Returns y [B, E_out]
-  // (x's dtype) and the new state (lse [B, H], out [B, H, E / H], float64). Equal to
-  // linear -> step -> linear (docs/modules.md, "Streaming").
+  // (x's dtype) and the new state (lse [B, H], out [B, H, E / H], float64): what
+  // linear -> step -> linear give (docs/modules.md, "Streaming").
   m.def(
       "attention_step(Tensor x, Tensor proj_weight, Tensor? proj_bias, Tensor out_weight, "
       "Tensor? out_bias, int num_heads, Tensor? state_lse=None, Tensor? state_out=None) "
       "-> (Tensor y, Tensor lse, Tensor state_out)");
 }
 
-TORCH_LIBRARY_IMPL(aaren, CompositeImplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(aaren, CompositeExplicitAutograd, m) {
+  m.impl("attention_step", &aaren::ops::attention_step_composite);
+}
+
+TORCH_LIBRARY_IMPL(aaren, Autograd, m) {
+  m.impl("attention_step", &aaren::ops::attention_step_autograd);
+}
+
+// Autocast: the three calls, each autocast (and differentiated) as it would be alone.
+TORCH_LIBRARY_IMPL(aaren, AutocastCPU, m) {
+  m.impl("attention_step", &aaren::ops::attention_step_composite);
+}
+
+TORCH_LIBRARY_IMPL(aaren, AutocastCUDA, m) {
   m.impl("attention_step", &aaren::ops::attention_step_composite);
 }

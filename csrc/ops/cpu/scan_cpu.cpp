@@ -34,6 +34,8 @@ const Kernels& kernels() {
   return chosen;
 }
 
+}  // namespace
+
 void forward(const ForwardArgs& args) {
   kernels().forward(args);
 }
@@ -41,8 +43,6 @@ void forward(const ForwardArgs& args) {
 void backward(const BackwardArgs& args) {
   kernels().backward(args);
 }
-
-}  // namespace
 
 const char* selected_isa() {
   return kernels().isa;

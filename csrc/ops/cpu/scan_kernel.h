@@ -21,6 +21,10 @@ AAREN_DECLARE_CPU_KERNELS(AVX512)
 
 #undef AAREN_DECLARE_CPU_KERNELS
 
+// The kernels of the selected instruction set: what the CPU registrations run.
+void forward(const ForwardArgs& args);
+void backward(const BackwardArgs& args);
+
 // The instruction set the kernels run with: the best one compiled that PyTorch
 // itself uses on this CPU (so ATEN_CPU_CAPABILITY lowers both alike).
 const char* selected_isa();

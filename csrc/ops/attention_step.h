@@ -1,0 +1,26 @@
+// aaren::attention_step (attention_step.cpp): what its backends share.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace aaren::ops {
+
+// (y [B, E_out], the new state's lse [B, H], the new state's out [B, H, D]).
+using AttentionStepResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Shapes of x [B, E], proj_weight [H + E, E], out_weight [E_out, E] and num_heads; a clear
+// error otherwise. (Biases, dtypes and the state are checked by linear and step.)
+void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_weight,
+                                 const at::Tensor& out_weight, int64_t num_heads);
+
+// The step as the three calls it stands for: linear, aaren::step, linear. Every backend
+// without a kernel of its own (CUDA, Meta) runs this, and so does autograd.
+AttentionStepResult attention_step_composite(
+    const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
+    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out);
+
+}  // namespace aaren::ops
