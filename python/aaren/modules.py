@@ -496,7 +496,12 @@ class Aaren(nn.Module):
             value = self.v_proj(x).view(x.size(0), self.num_heads, self.head_dim)
             out, new_state = _step(score.to(value.dtype), self._drop_tokens(value), state)
             return self.out_proj(out.flatten(1)), new_state
-        if self.training and self.dropout > 0.0:  # token dropout acts between the products
+        # Token dropout acts between the products; tensor subclasses (DTensor parameters,
+        # say) have sharding rules for aaren.step, not for the fused operator.
+        plain_tensor = True
+        if not torch.jit.is_scripting():
+            plain_tensor = type(weight) is Tensor
+        if (self.training and self.dropout > 0.0) or not plain_tensor:
             projected = F.linear(x, weight, bias)  # [B, H + E]: scores, then values
             score = projected[:, :self.num_heads]
             value = projected[:, self.num_heads:].view(x.size(0), self.num_heads, self.head_dim)
