@@ -90,6 +90,11 @@ def test_a_stream_of_steps_equals_the_scan():
     (lambda a: {**a, "num_heads": 5}, "must be a multiple of num_heads = 5"),
     (lambda a: {**a, "proj_weight": a["proj_weight"][1:]}, r"proj_weight must have shape \[H \+ E, E\] = \[15, 12\]"),
     (lambda a: {**a, "out_weight": a["out_weight"][:, 1:]}, r"out_weight must have shape \[E_out, E\] with E = 12"),
+    (lambda a: {**a, "proj_bias": a["proj_bias"][:E]}, r"proj_bias must have shape \[15\], got shape \[12\]"),
+    (lambda a: {**a, "proj_bias": a["proj_bias"][None]}, r"proj_bias must have shape \[15\]"),
+    (lambda a: {**a, "out_bias": a["out_bias"][1:]}, r"out_bias must have shape \[12\]"),
+    (lambda a: {**a, "proj_weight": a["proj_weight"].double()}, r"proj_weight must have the dtype of x \(Float\), got Double"),
+    (lambda a: {**a, "out_bias": a["out_bias"].double()}, r"out_bias must have the dtype of x"),
     (lambda a: {**a, "state_lse": a["state_lse"][:, :1]}, "state"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(change, message):

@@ -26,7 +26,9 @@
 namespace aaren::ops {
 
 void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_weight,
-                                 const at::Tensor& out_weight, int64_t num_heads) {
+                                 const std::optional<at::Tensor>& proj_bias,
+                                 const at::Tensor& out_weight,
+                                 const std::optional<at::Tensor>& out_bias, int64_t num_heads) {
   constexpr const char* op = "aaren.attention_step";
   TORCH_CHECK(x.dim() == 2, op, ": x must have shape [B, E], got shape ", x.sym_sizes());
   TORCH_CHECK(num_heads > 0, op, ": num_heads must be positive, got ", num_heads);
@@ -41,13 +43,29 @@ void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_wei
   TORCH_CHECK(out_weight.dim() == 2 && out_weight.sym_size(1) == width, op,
               ": out_weight must have shape [E_out, E] with E = ", width, ", got shape ",
               out_weight.sym_sizes());
+  const auto check_dtype = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name,
+                " must have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
+  };
+  check_dtype(proj_weight, "proj_weight");
+  check_dtype(out_weight, "out_weight");
+  const auto check_bias = [&](const std::optional<at::Tensor>& bias, const char* name,
+                              const c10::SymInt& rows) {
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == rows, op, ": ", name,
+                  " must have shape [", rows, "], got shape ", bias->sym_sizes());
+      check_dtype(*bias, name);
+    }
+  };
+  check_bias(proj_bias, "proj_bias", width + num_heads);
+  check_bias(out_bias, "out_bias", out_weight.sym_size(0));
 }
 
 AttentionStepResult attention_step_composite(
     const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
     const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
-  check_attention_step_inputs(x, proj_weight, out_weight, num_heads);
+  check_attention_step_inputs(x, proj_weight, proj_bias, out_weight, out_bias, num_heads);
   const c10::SymInt& width = x.sym_size(1);
   const at::Tensor projected = at::linear(x, proj_weight, proj_bias);  // [B, H + E]
   const at::Tensor score = projected.narrow_symint(1, 0, num_heads);

@@ -11,10 +11,13 @@ namespace aaren::ops {
 // (y [B, E_out], the new state's lse [B, H], the new state's out [B, H, D]).
 using AttentionStepResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// Shapes of x [B, E], proj_weight [H + E, E], out_weight [E_out, E] and num_heads; a clear
-// error otherwise. (Biases, dtypes and the state are checked by linear and step.)
+// Shapes and dtypes of x [B, E], proj_weight [H + E, E], proj_bias [H + E], out_weight
+// [E_out, E], out_bias [E_out] (the weights and biases in x's dtype) and num_heads; an error
+// naming the argument otherwise. (The state is checked by step.)
 void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_weight,
-                                 const at::Tensor& out_weight, int64_t num_heads);
+                                 const std::optional<at::Tensor>& proj_bias,
+                                 const at::Tensor& out_weight,
+                                 const std::optional<at::Tensor>& out_bias, int64_t num_heads);
 
 // The step as the three calls it stands for: linear, aaren::step, linear. Every backend
 // without a kernel of its own (CUDA, Meta) runs this, and so does autograd.

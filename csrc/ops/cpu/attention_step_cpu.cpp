@@ -75,7 +75,7 @@ AttentionStepResult attention_step_cpu(
     const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
     const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
-  check_attention_step_inputs(x, proj_weight, out_weight, num_heads);
+  check_attention_step_inputs(x, proj_weight, proj_bias, out_weight, out_bias, num_heads);
   const at::ScalarType dtype = x.scalar_type();
   const int64_t batch = x.size(0);
   const int64_t width = x.size(1);
@@ -83,10 +83,8 @@ AttentionStepResult attention_step_cpu(
   const bool row_by_row = (dtype == at::kFloat || dtype == at::kDouble) && 
       batch * width * (num_heads + width + out_width) <= kMaxRowByRowMultiplyAdds &&
       plain(x, dtype) && plain(proj_weight, dtype) && plain(proj_bias, dtype) &&
-      plain(out_weight, dtype) && plain(out_bias, dtype) &&
-      (!proj_bias.has_value() || proj_bias->numel() == width + num_heads) &&
-      (!out_bias.has_value() || out_bias->numel() == out_width);
-  if (!row_by_row) {  // linear's own checks and messages for mismatched dtypes or biases
+      plain(out_weight, dtype) && plain(out_bias, dtype);
+  if (!row_by_row) {
     return attention_step_composite(x, proj_weight, proj_bias, out_weight, out_bias, num_heads,
                                     state_lse, state_out);
   }
