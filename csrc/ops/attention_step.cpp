@@ -61,11 +61,10 @@ void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_wei
   check_bias(out_bias, "out_bias", out_weight.sym_size(0));
 }
 
-AttentionStepResult attention_step_composite(
+AttentionStepResult attention_step_three_calls(
     const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
     const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
-  check_attention_step_inputs(x, proj_weight, proj_bias, out_weight, out_bias, num_heads);
   const c10::SymInt& width = x.sym_size(1);
   const at::Tensor projected = at::linear(x, proj_weight, proj_bias);  // [B, H + E]
   const at::Tensor score = projected.narrow_symint(1, 0, num_heads);
@@ -74,6 +73,15 @@ AttentionStepResult attention_step_composite(
                                .view_symint({x.sym_size(0), num_heads, width / num_heads});
   auto [out, lse, new_state_out] = step(score, value, state_lse, state_out);
   return {at::linear(out.flatten(1), out_weight, out_bias), lse, new_state_out};
+}
+
+AttentionStepResult attention_step_composite(
+    const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
+    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
+  check_attention_step_inputs(x, proj_weight, proj_bias, out_weight, out_bias, num_heads);
+  return attention_step_three_calls(x, proj_weight, proj_bias, out_weight, out_bias, num_heads,
+                                    state_lse, state_out);
 }
 
 namespace {

@@ -19,8 +19,15 @@ void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_wei
                                  const at::Tensor& out_weight,
                                  const std::optional<at::Tensor>& out_bias, int64_t num_heads);
 
-// The step as the three calls it stands for: linear, aaren::step, linear. Every backend
-// without a kernel of its own (CUDA, Meta) runs this, and so does autograd.
+// The step as the three calls it stands for: linear, aaren::step, linear, on inputs already
+// checked (check_attention_step_inputs).
+AttentionStepResult attention_step_three_calls(
+    const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
+    const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out);
+
+// The checks, then the three calls. Every backend without a kernel of its own (CUDA, Meta)
+// runs this, and so do autograd and autocast.
 AttentionStepResult attention_step_composite(
     const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
     const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,

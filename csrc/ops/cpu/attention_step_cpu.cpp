@@ -58,12 +58,8 @@ void linear_rows(const scalar_t* x, const scalar_t* weight, const scalar_t* bias
   });
 }
 
-bool plain(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype && t.is_contiguous();
-}
-
-bool plain(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
-  return !t.has_value() || !t->defined() || plain(*t, dtype);
+bool contiguous_or_absent(const std::optional<at::Tensor>& t) {
+  return !t.has_value() || !t->defined() || t->is_contiguous();
 }
 
 template <typename scalar_t>
@@ -80,13 +76,14 @@ AttentionStepResult attention_step_cpu(
   const int64_t batch = x.size(0);
   const int64_t width = x.size(1);
   const int64_t out_width = out_weight.size(0);
-  const bool row_by_row = (dtype == at::kFloat || dtype == at::kDouble) && 
+  // (The checks above gave every weight and bias x's dtype.)
+  const bool row_by_row = (dtype == at::kFloat || dtype == at::kDouble) &&
       batch * width * (num_heads + width + out_width) <= kMaxRowByRowMultiplyAdds &&
-      plain(x, dtype) && plain(proj_weight, dtype) && plain(proj_bias, dtype) &&
-      plain(out_weight, dtype) && plain(out_bias, dtype);
+      x.is_contiguous() && proj_weight.is_contiguous() && out_weight.is_contiguous() &&
+      contiguous_or_absent(proj_bias) && contiguous_or_absent(out_bias);
   if (!row_by_row) {
-    return attention_step_composite(x, proj_weight, proj_bias, out_weight, out_bias, num_heads,
-                                    state_lse, state_out);
+    return attention_step_three_calls(x, proj_weight, proj_bias, out_weight, out_bias, num_heads,
+                                      state_lse, state_out);
   }
   at::Tensor projected = at::empty({batch, num_heads + width}, x.options());
   at::Tensor y = at::empty({batch, out_width}, x.options());
