@@ -41,6 +41,31 @@ from aaren.baselines import build_stacks  # the two stacks, as in the streaming 
 
 MODELS = ("aaren", "transformer")
 
+# The training options of the TSLib-protocol scripts (forecast.py, classify_uea.py), each
+# protocol with its own defaults: name -> type.
+TRAINING_OPTIONS = {"d_model": int, "n_heads": int, "e_layers": int, "d_ff": int,
+                    "dropout": float, "lr": float, "batch_size": int, "epochs": int,
+                    "patience": int}
+
+
+def add_training_arguments(parser, **defaults) -> None:
+    """--seeds, --models, one --option per TRAINING_OPTIONS entry (defaults: the protocol's,
+    every one given), --threads and --json, on an argparse parser."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    for name, kind in TRAINING_OPTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults.pop(name))
+    if defaults:
+        raise TypeError(f"add_training_arguments: unknown options {sorted(defaults)}")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--json", default=None, help="write the records (a JSON list) here")
+
+
+def training_config(args) -> dict:
+    """The TRAINING_OPTIONS of parsed arguments, and --quick: a record's "config"."""
+    return {**{name: getattr(args, name) for name in TRAINING_OPTIONS}, "quick": args.quick}
+
+
 # name: (sktime loader, epochs in the full run)
 CLASSIFICATION = {
     "BasicMotions": ("load_basic_motions", 100),        # 6 channels, length 100, 4 classes, 40/40

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from classify_timeseries import (MODELS, SequenceModel, as_dataset, load_classification,  # noqa: E402
-                                 pad, parameter_count)
+from classify_timeseries import (MODELS, SequenceModel, add_training_arguments,  # noqa: E402
+                                 as_dataset, load_classification, pad, parameter_count,
+                                 training_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "..", "shared", "data")
@@ -156,10 +157,7 @@ def train_one(kind: str, data: dict, seed: int, args) -> dict:
             "best_epoch": 1 + [h[0] for h in val_history].index(best[0]),
             "train_losses": train_losses, "val_history": val_history,
             "cases": {"fit": len(y_fit), "val": len(y_val), "test": len(y_test)},
-            "config": {"d_model": args.d_model, "n_heads": args.n_heads, "e_layers": args.e_layers,
-                       "d_ff": args.d_ff, "dropout": args.dropout, "lr": args.lr,
-                       "batch_size": args.batch_size, "epochs": args.epochs,
-                       "patience": args.patience, "quick": args.quick}}
+            "config": training_config(args)}
 
 
 def summary(records: List[dict]) -> str:
@@ -184,21 +182,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument("--data-dir", default=DATA_DIR,
                         help="folder holding classification/Handwriting/ (default ../shared/data)")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--n-heads", type=int, default=8)
-    parser.add_argument("--e-layers", type=int, default=3)
-    parser.add_argument("--d-ff", type=int, default=256)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--patience", type=int, default=10)
+    add_training_arguments(parser, d_model=128, n_heads=8, e_layers=3, d_ff=256, dropout=0.1,
+                           lr=1e-3, batch_size=16, epochs=100, patience=10)
     parser.add_argument("--quick", action="store_true",
                         help="pipeline check, not the recipe: 5 epochs, d_model 32, 4 heads, d_ff 64")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--json", default=None, help="write the records (a JSON list) here")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.d_model, args.n_heads, args.d_ff = 5, 32, 4, 64

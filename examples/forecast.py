@@ -54,7 +54,8 @@ from torch import Tensor, nn
 # The sequence model (embedding, positions, the two stacks) is the one of the
 # small-scale comparison next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from classify_timeseries import MODELS, SequenceModel, parameter_count  # noqa: E402
+from classify_timeseries import (MODELS, SequenceModel, add_training_arguments,  # noqa: E402
+                                 parameter_count, training_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "..", "shared", "data")
@@ -267,10 +268,7 @@ def train_one(kind: str, data: dict, horizon: int, seed: int, args,
             "first_batch_losses": batch_losses[:5], "last_batch_losses": batch_losses[-5:],
             "windows": {k: len(v) for k, v in splits.items()},
             "windows_used": {k: (len(splits[k]) if v is None else len(v)) for k, v in subsets.items()},
-            "config": {"seq_len": SEQ_LEN, "d_model": args.d_model, "n_heads": args.n_heads,
-                       "e_layers": args.e_layers, "d_ff": args.d_ff, "dropout": args.dropout,
-                       "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-                       "patience": args.patience, "quick": args.quick}}, model
+            "config": {"seq_len": SEQ_LEN, **training_config(args)}}, model
 
 
 def plot_window(models: Dict[str, nn.Module], data: dict, horizon: int, index: int,
@@ -323,23 +321,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument("--data-path", default=DEFAULT_FILE,
                         help="the series (default ../shared/data/forecasting/ETTh1.csv.gz)")
     parser.add_argument("--horizon", type=int, default=96, help="forecast length (default 96)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--n-heads", type=int, default=8)
-    parser.add_argument("--e-layers", type=int, default=2)
-    parser.add_argument("--d-ff", type=int, default=2048)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--patience", type=int, default=3)
+    add_training_arguments(parser, d_model=512, n_heads=8, e_layers=2, d_ff=2048, dropout=0.1,
+                           lr=1e-4, batch_size=32, epochs=10, patience=3)
     parser.add_argument("--quick", action="store_true",
                         help="pipeline check, not the protocol: 320 training, 128 validation and "
                              "256 test windows (evenly spaced), one epoch, d_model 32, 4 heads, "
                              "d_ff 64, lr 1e-3")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--json", default=None, help="write the records (a JSON list) here")
     parser.add_argument("--plot", default=None,
                         help="PNG of the middle test window's forecast (first seed, both models)")
     args = parser.parse_args(argv)
