@@ -486,27 +486,16 @@ class Aaren(nn.Module):
         dropout, they are called as modules instead.
         """
         _check_token(x, self.embed_dim, "Aaren.step")
+        if self.training and self.dropout > 0.0:  # token dropout acts between the products
+            return self._step_through_modules(x, state)
         if torch.jit.is_scripting():
             weight, bias = self._step_projection()
-        elif self._plain_projections():
+        else:
+            if not self._plain_projections():
+                return self._step_through_modules(x, state)
             weight, bias = self._cached_step_projection()
-        else:  # v_proj and out_proj called as modules: their hooks, or whatever replaced them, take part
-            score_weight, score_bias = self._score_projection()
-            score = F.linear(x, score_weight, score_bias)
-            value = self.v_proj(x).view(x.size(0), self.num_heads, self.head_dim)
-            out, new_state = _step(score.to(value.dtype), self._drop_tokens(value), state)
-            return self.out_proj(out.flatten(1)), new_state
-        # Token dropout acts between the products; tensor subclasses (DTensor parameters,
-        # say) have sharding rules for aaren.step, not for the fused operator.
-        plain_tensor = True
-        if not torch.jit.is_scripting():
-            plain_tensor = type(weight) is Tensor
-        if (self.training and self.dropout > 0.0) or not plain_tensor:
-            projected = F.linear(x, weight, bias)  # [B, H + E]: scores, then values
-            score = projected[:, :self.num_heads]
-            value = projected[:, self.num_heads:].view(x.size(0), self.num_heads, self.head_dim)
-            out, new_state = _step(score, self._drop_tokens(value), state)
-            return self.out_proj(out.flatten(1)), new_state
+            if type(weight) is not Tensor:  # DTensor: aaren.step has sharding rules, the operator none
+                return self._step_through_modules(x, state)
         state_lse: Optional[Tensor] = None
         state_out: Optional[Tensor] = None
         if state is not None:
@@ -517,6 +506,16 @@ class Aaren(nn.Module):
             x, weight, bias, self.out_proj.weight, self.out_proj.bias, self.num_heads,
             state_lse, state_out)
         return y, (lse, new_out)
+
+    def _step_through_modules(self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]]
+                              ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """``step`` with ``v_proj`` and ``out_proj`` called as modules (their hooks, or
+        whatever replaced them, take part) and token dropout between the products."""
+        score_weight, score_bias = self._score_projection()
+        score = F.linear(x, score_weight, score_bias)
+        value = self.v_proj(x).view(x.size(0), self.num_heads, self.head_dim)
+        out, new_state = _step(score.to(value.dtype), self._drop_tokens(value), state)
+        return self.out_proj(out.flatten(1)), new_state
 
     @torch.jit.unused
     def _plain_projections(self) -> bool:
