@@ -95,7 +95,13 @@ def test_a_stream_of_steps_equals_the_scan():
     (lambda a: {**a, "out_bias": a["out_bias"][1:]}, r"out_bias must have shape \[12\]"),
     (lambda a: {**a, "proj_weight": a["proj_weight"].double()}, r"proj_weight must have the dtype of x \(Float\), got Double"),
     (lambda a: {**a, "out_bias": a["out_bias"].double()}, r"out_bias must have the dtype of x"),
-    (lambda a: {**a, "state_lse": a["state_lse"][:, :1]}, "state"),
+    (lambda a: {**a, "state_lse": a["state_lse"][:, :1]},
+     "aaren.attention_step: state lse's head dimension has 1 where num_heads has 3"),
+    (lambda a: {**a, "state_out": a["state_out"][:2]},
+     "aaren.attention_step: state out's batch dimension has 2 where x has 3"),
+    (lambda a: {**a, "state_out": a["state_out"][..., :1]},
+     "aaren.attention_step: state out's last dimension has 1 where E / num_heads has 4"),
+    (lambda a: {**a, "state_out": None}, "the state needs both lse and out, or neither"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(change, message):
     x, pw, pb, ow, ob, lse, out = make_inputs()

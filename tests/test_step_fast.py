@@ -314,7 +314,7 @@ def test_compile_step_other_backend_and_errors():
                 fast(bad)
             with pytest.raises(ValueError, match=r"shape \[B, E\]"):
                 fast(bad, states)
-        with pytest.raises(RuntimeError, match="batch dimension has 1 where values has"):
+        with pytest.raises(RuntimeError, match="aaren.attention_step: state lse.s batch dimension has 1 where x has"):
             fast(torch.randn(3, E), states)  # states of batch 1
 
 

@@ -22,13 +22,16 @@
 #include <torch/library.h>
 
 #include "aaren/aaren.h"
+#include "ops/scan.h"
 
 namespace aaren::ops {
 
 void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_weight,
                                  const std::optional<at::Tensor>& proj_bias,
                                  const at::Tensor& out_weight,
-                                 const std::optional<at::Tensor>& out_bias, int64_t num_heads) {
+                                 const std::optional<at::Tensor>& out_bias, int64_t num_heads,
+                                 const std::optional<at::Tensor>& state_lse,
+                                 const std::optional<at::Tensor>& state_out) {
   constexpr const char* op = "aaren.attention_step";
   TORCH_CHECK(x.dim() == 2, op, ": x must have shape [B, E], got shape ", x.sym_sizes());
   TORCH_CHECK(num_heads > 0, op, ": num_heads must be positive, got ", num_heads);
@@ -59,6 +62,8 @@ void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_wei
   };
   check_bias(proj_bias, "proj_bias", width + num_heads);
   check_bias(out_bias, "out_bias", out_weight.sym_size(0));
+  check_state(op, state_lse, state_out, x, {x.sym_size(0), "x"}, {num_heads, "num_heads"},
+              {width / num_heads, "E / num_heads"});
 }
 
 AttentionStepResult attention_step_three_calls(
@@ -79,7 +84,8 @@ AttentionStepResult attention_step_composite(
     const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
     const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
-  check_attention_step_inputs(x, proj_weight, proj_bias, out_weight, out_bias, num_heads);
+  check_attention_step_inputs(x, proj_weight, proj_bias, out_weight, out_bias, num_heads,
+                              state_lse, state_out);
   return attention_step_three_calls(x, proj_weight, proj_bias, out_weight, out_bias, num_heads,
                                     state_lse, state_out);
 }

@@ -12,12 +12,14 @@ namespace aaren::ops {
 using AttentionStepResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // Shapes and dtypes of x [B, E], proj_weight [H + E, E], proj_bias [H + E], out_weight
-// [E_out, E], out_bias [E_out] (the weights and biases in x's dtype) and num_heads; an error
-// naming the argument otherwise. (The state is checked by step.)
+// [E_out, E], out_bias [E_out] (the weights and biases in x's dtype), num_heads and the state
+// (lse [B, H], out [B, H, E / H]); an error naming the argument otherwise.
 void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_weight,
                                  const std::optional<at::Tensor>& proj_bias,
                                  const at::Tensor& out_weight,
-                                 const std::optional<at::Tensor>& out_bias, int64_t num_heads);
+                                 const std::optional<at::Tensor>& out_bias, int64_t num_heads,
+                                 const std::optional<at::Tensor>& state_lse,
+                                 const std::optional<at::Tensor>& state_out);
 
 // The step as the three calls it stands for: linear, aaren::step, linear, on inputs already
 // checked (check_attention_step_inputs).

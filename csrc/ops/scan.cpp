@@ -20,10 +20,9 @@ bool last_dim_contiguous(const at::Tensor& t) {
 }
 
 void check_same_device(const char* op, const at::Tensor& t, const char* name,
-                       const at::Tensor& values) {
-  TORCH_CHECK(t.device() == values.device(), op, ": ", name,
-              " must be on the same device as values (", values.device(), "), got ",
-              t.device());
+                       const at::Tensor& values, const char* values_name = "values") {
+  TORCH_CHECK(t.device() == values.device(), op, ": ", name, " must be on the same device as ",
+              values_name, " (", values.device(), "), got ", t.device());
 }
 
 void check_dim_equal(const char* op, const char* what, const c10::SymInt& got,
@@ -57,6 +56,16 @@ void check_forward_inputs(const char* op, const at::Tensor& scores, const at::Te
               ": values must be contiguous in its last dimension (stride 1), got strides ",
               values.sym_strides());
 
+  check_state(op, state_lse, state_out, values, {values.sym_size(0), "values"},
+              {values.sym_size(2), "values"}, {values.sym_size(3), "values"});
+}
+
+}  // namespace
+
+void check_state(const char* op, const std::optional<at::Tensor>& state_lse,
+                 const std::optional<at::Tensor>& state_out, const at::Tensor& on_device_of,
+                 const ExpectedSize& batch, const ExpectedSize& heads,
+                 const ExpectedSize& head_dim) {
   TORCH_CHECK(state_lse.has_value() == state_out.has_value(), op,
               ": the state needs both lse and out, or neither");
   if (!state_lse.has_value()) {
@@ -76,19 +85,17 @@ void check_forward_inputs(const char* op, const at::Tensor& scores, const at::Te
   TORCH_CHECK_TYPE(is_supported_dtype(out.scalar_type()), op,
                    ": state out must be a floating dtype (float64 preferred), got ",
                    out.scalar_type());
-  check_same_device(op, lse, "state lse", values);
-  check_same_device(op, out, "state out", values);
-  check_dim_equal(op, "state lse's batch dimension", lse.sym_size(0), "values",
-                  values.sym_size(0));
-  check_dim_equal(op, "state lse's head dimension", lse.sym_size(1), "values",
-                  values.sym_size(2));
-  check_dim_equal(op, "state out's batch dimension", out.sym_size(0), "values",
-                  values.sym_size(0));
-  check_dim_equal(op, "state out's head dimension", out.sym_size(1), "values",
-                  values.sym_size(2));
-  check_dim_equal(op, "state out's last dimension", out.sym_size(2), "values",
-                  values.sym_size(3));
+  check_same_device(op, lse, "state lse", on_device_of, batch.whose);
+  check_same_device(op, out, "state out", on_device_of, batch.whose);
+  check_dim_equal(op, "state lse's batch dimension", lse.sym_size(0), batch.whose, batch.size);
+  check_dim_equal(op, "state lse's head dimension", lse.sym_size(1), heads.whose, heads.size);
+  check_dim_equal(op, "state out's batch dimension", out.sym_size(0), batch.whose, batch.size);
+  check_dim_equal(op, "state out's head dimension", out.sym_size(1), heads.whose, heads.size);
+  check_dim_equal(op, "state out's last dimension", out.sym_size(2), head_dim.whose,
+                  head_dim.size);
 }
+
+namespace {
 
 // The state in the dtypes the kernels read (a no-op when it already is), with a
 // contiguous last dimension.

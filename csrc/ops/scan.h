@@ -62,6 +62,20 @@ using BackwardKernel = void (*)(const BackwardArgs&);
 constexpr at::ScalarType kLseDtype = at::kDouble;
 constexpr at::ScalarType kStateOutDtype = at::kDouble;
 
+// A size the state must match, and the argument it comes from (for the error message).
+struct ExpectedSize {
+  c10::SymInt size;
+  const char* whose;
+};
+
+// An optional state (lse [B, H], out [B, H, D], any floating dtype, both or neither) against
+// the sizes the operator expects, on the device of `on_device_of` (named batch.whose in
+// errors). Every operator that takes a state checks it here.
+void check_state(const char* op, const std::optional<at::Tensor>& state_lse,
+                 const std::optional<at::Tensor>& state_out, const at::Tensor& on_device_of,
+                 const ExpectedSize& batch, const ExpectedSize& heads,
+                 const ExpectedSize& head_dim);
+
 // Validate, allocate (or check the caller's output buffers), and run `kernel` (none
 // for Meta: shapes only).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_forward_with(

@@ -71,7 +71,8 @@ AttentionStepResult attention_step_cpu(
     const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
     const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
-  check_attention_step_inputs(x, proj_weight, proj_bias, out_weight, out_bias, num_heads);
+  check_attention_step_inputs(x, proj_weight, proj_bias, out_weight, out_bias, num_heads,
+                              state_lse, state_out);
   const at::ScalarType dtype = x.scalar_type();
   const int64_t batch = x.size(0);
   const int64_t width = x.size(1);
