@@ -159,6 +159,21 @@ void for_each_task(const Plan& plan, int64_t batch, int64_t lanes, int64_t row_w
   });
 }
 
+// Asks for a row the backward will read kPrefetchTokens tokens from now. The backward walks its
+// tokens from the last to the first; measured (perf, bfloat16), its loads of g, o and v stalled
+// on memory although the walk has a constant stride, and prefetching them cut the backward's
+// time by a quarter to a third (alternated in one process; the forward, walking up, gained
+// nothing).
+constexpr int64_t kPrefetchTokens = 4;
+
+template <typename T>
+void prefetch_row(const T* row, int64_t elements) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < elements * static_cast<int64_t>(sizeof(T)); offset += 64) {
+    __builtin_prefetch(bytes + offset, /*rw=*/0, /*locality=*/3);
+  }
+}
+
 int64_t padded(int64_t head_dim, int64_t width) {
   return (head_dim + width - 1) / width * width;
 }
@@ -548,6 +563,13 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
       const scalar_t* o_row = t.out[j] + n * steps.out;
       const scalar_t* v_row = t.value[j] + n * steps.value;
       const acc_t* shift_row = t.shift.data() + j * t.row_width;
+      if (n >= kPrefetchTokens) {
+        prefetch_row(g_row - kPrefetchTokens * steps.grad_out, head_dim);
+        prefetch_row(o_row - kPrefetchTokens * steps.out, head_dim);
+        if constexpr (kOutputs) {
+          prefetch_row(v_row - kPrefetchTokens * steps.value, head_dim);
+        }
+      }
       // s - r in float64: r may be far from 0 while s - r is not.
       const acc_t e = kOutputs
           ? exp_of_difference_wide<acc_t>(
