@@ -19,16 +19,24 @@ from block to block; the blocks alternate, so the variants share the machine's l
     by token: the median ratio, and the smallest ratio at any one position 1..16.
 The ratios to `products` are the figures the issue's targets are stated in. `--profile`
 prints where the eager and the fast step's time goes (torch.profiler, operators by self CPU
-time). The C++ programs (TorchScript and AOTInductor, examples/cpp) time themselves: see
-examples/cpp/README.md.
+time). `--cpp BINARY` also exports each (E, layers) stack, the same one, with
+examples/export.py (TorchScript and an AOTInductor package, without its input projection and
+head) and runs the C++ program examples/cpp (BINARY: its build, docs/deploy.md) on both, one
+thread, for each batch: its per-token p50 against the products' time, measured in this process
+right before and after each run (the median of the two).
 
     python benchmarks/bench_step_cpu.py                # the grid, about a minute
     python benchmarks/bench_step_cpu.py --compile --profile   # the figures of docs/results.md
     python benchmarks/bench_step_cpu.py --smoke        # tiny, in seconds (checks it runs)
+    python benchmarks/bench_step_cpu.py --cpp build/deploy/cpp/aaren_deploy   # + C++, ~10 min
 """
 import argparse
+import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -153,7 +161,15 @@ def main():
                              "(1: alternate token by token)")
     parser.add_argument("--profile", action="store_true", help="profile the eager step (E=64, 2 layers, batch 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny: checks that the script runs")
+    parser.add_argument("--cpp", metavar="BINARY",
+                        help="also run the C++ program (examples/cpp's aaren_deploy) on each stack "
+                             "exported as TorchScript and AOTInductor")
+    parser.add_argument("--cpp-only", action="store_true", help="with --cpp: skip the Python variants")
     args = parser.parse_args()
+    if args.cpp and not os.access(args.cpp, os.X_OK):
+        parser.error(f"--cpp {args.cpp}: not an executable; build examples/cpp first (docs/deploy.md)")
+    if args.cpp_only and not args.cpp:
+        parser.error("--cpp-only needs --cpp")
     torch.set_num_threads(1)
     grid, batches, tokens = (([(16, 1)], [1], 24) if args.smoke else (GRID, BATCHES, args.tokens))
     block = min(args.block, tokens)
@@ -166,7 +182,7 @@ def main():
     header += ["Aaren first 16 us", "Transformer first 16 us", "Transformer / Aaren",
                "smallest at one position", "eager p90 / p50"]
     rows = []
-    for E, layers in grid:
+    for E, layers in ([] if args.cpp_only else grid):
         for batch in batches:
             m, spread, worst_first = measure(E, layers, batch, tokens, args.compile, block)
             us = {k: None if v is None else 1e6 * v for k, v in m.items()}
@@ -181,11 +197,14 @@ def main():
                     f"{spread['eager']:.2f}"]
             rows.append(row)
             print(f"measured E={E} layers={layers} batch={batch}", flush=True)
-    print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(str(x) for x in row) + " |")
+    if rows:
+        print()
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(str(x) for x in row) + " |")
+    if args.cpp:
+        rows += print_cpp_table(args.cpp, grid, batches, tokens)
     if args.profile:
         profile_eager(*((16, 1) if args.smoke else (64, 2)))
     if args.smoke:  # every figure a positive number (the streams agreed: checked in measure)
@@ -193,6 +212,69 @@ def main():
         print("smoke check " + (f"FAILED: {bad}" if bad else "passed"))
         return 1 if bad else 0
     return 0
+
+
+def products_seconds(products, batch, E, tokens=200):
+    """Median time of the products for one token of `batch` sequences."""
+    xs = torch.randn(tokens, batch, E)
+    for x in xs[:8]:
+        run_products(products, x)
+    return statistics.median(timed(lambda: run_products(products, x)) for x in xs)
+
+
+def measure_cpp(binary, E, layers, batches, tokens, work_dir):
+    """Per batch: the products' time, and the C++ program's per-token p50 (examples/cpp, one
+    thread) for the stack of `measure` exported as TorchScript and as AOTInductor."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    import export as exporter  # examples/export.py: the exports the C++ program loads
+
+    torch.manual_seed(0)
+    stack, _, _ = build_stacks(E, HEADS, layers)
+    model = exporter.StreamingModel(E, E, HEADS, layers, E, encoder=stack, projections=False).eval()
+    paths = {"TorchScript": os.path.join(work_dir, f"step_{E}_{layers}.pt"),
+             "AOTInductor": os.path.join(work_dir, f"step_{E}_{layers}.pt2")}
+    x = torch.randn(2, 6, E)
+    with torch.no_grad():
+        want, want_step = model(x), exporter.stream(model.step, x, None)
+    exporter.export_torchscript(model, paths["TorchScript"], x, want)
+    exporter.export_aoti(model, paths["AOTInductor"], torch.device("cpu"), x, want, want_step)
+    products = layer_products(stack)
+    results = {}
+    for batch in batches:
+        for fmt, path in paths.items():
+            with torch.inference_mode():
+                before = products_seconds(products, batch, E)
+            command = [binary, path, "--batch", str(batch), "--length", str(tokens),
+                       "--threads", "1", "--warmup", "5", "--show", "0"]
+            run = subprocess.run(command, capture_output=True, text=True)
+            found = re.search(r"p50 ([0-9.]+) ms", run.stdout)
+            if run.returncode != 0 or found is None:
+                raise RuntimeError(f"{' '.join(command)} failed (exit {run.returncode}):\n"
+                                   f"{run.stdout}\n{run.stderr}")
+            with torch.inference_mode():
+                after = products_seconds(products, batch, E)
+            results[batch, fmt] = (statistics.median([before, after]), 1e-3 * float(found.group(1)))
+    return results
+
+
+def print_cpp_table(binary, grid, batches, tokens):
+    print(f"\nThe C++ program ({binary}), 1 thread, per-token p50 over {tokens} tokens:\n")
+    header = ["E", "layers", "batch", "products us", "TorchScript p50 us", "TorchScript / products",
+              "AOTInductor p50 us", "AOTInductor / products"]
+    rows = []
+    with tempfile.TemporaryDirectory() as work_dir:
+        for E, layers in grid:
+            results = measure_cpp(binary, E, layers, batches, tokens, work_dir)
+            for batch in batches:
+                products = statistics.median([results[batch, f][0] for f in ("TorchScript", "AOTInductor")])
+                script, aoti = results[batch, "TorchScript"][1], results[batch, "AOTInductor"][1]
+                rows.append([E, layers, batch, f"{1e6 * products:.1f}", f"{1e6 * script:.1f}",
+                             f"{script / products:.1f}x", f"{1e6 * aoti:.1f}", f"{aoti / products:.1f}x"])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+    return rows
 
 
 def profile_eager(E, layers):

@@ -43,23 +43,36 @@ IN_FEATURES, D_MODEL, HEADS, LAYERS = 4, 32, 4, 2
 
 
 class StreamingModel(nn.Module):
-    """Input projection -> AarenEncoder (causal) -> head, with forward / prefill / step."""
+    """Input projection -> AarenEncoder (causal) -> head, with forward / prefill / step.
+
+    `encoder` replaces the encoder built here (post-norm layers, 2 * d_model feed-forward
+    units) by the caller's `aaren.AarenEncoder` of `num_layers` layers of width d_model;
+    projections=False leaves out the input projection and the head (in_features and
+    out_features must then be d_model): benchmarks/bench_step_cpu.py --cpp exports its stacks
+    so.
+    """
 
     def __init__(self, in_features: int = IN_FEATURES, d_model: int = D_MODEL,
                  num_heads: int = HEADS, num_layers: int = LAYERS,
-                 out_features: int = IN_FEATURES) -> None:
+                 out_features: int = IN_FEATURES, encoder: Optional[nn.Module] = None,
+                 projections: bool = True) -> None:
         super().__init__()
+        if not projections and not in_features == out_features == d_model:
+            raise ValueError(f"projections=False needs in_features == out_features == d_model, "
+                             f"got {in_features}, {out_features}, {d_model}")
         # Plain int attributes: kept by TorchScript, read by the C++ program.
         self.in_features = in_features
         self.out_features = out_features
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
-        self.in_proj = nn.Linear(in_features, d_model)
-        layer = aaren.AarenEncoderLayer(d_model, num_heads, dim_feedforward=2 * d_model,
-                                        dropout=0.0, batch_first=True)
-        self.encoder = aaren.AarenEncoder(layer, num_layers)
-        self.head = nn.Linear(d_model, out_features)
+        self.in_proj = nn.Linear(in_features, d_model) if projections else nn.Identity()
+        if encoder is None:
+            layer = aaren.AarenEncoderLayer(d_model, num_heads, dim_feedforward=2 * d_model,
+                                            dropout=0.0, batch_first=True)
+            encoder = aaren.AarenEncoder(layer, num_layers)
+        self.encoder = encoder
+        self.head = nn.Linear(d_model, out_features) if projections else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, N, F] -> y [B, N, C], every token in parallel (the scan)."""
@@ -188,7 +201,9 @@ def export_aoti(model: StreamingModel, path: str, device: torch.device, x: Tenso
     forward_files = aoti_compile(model, (example,), ({0: batch, 1: length},), metadata)
 
     states = [t for state in model.empty_states(2, example.dtype, device) for t in state]
-    step_files = aoti_compile(FlatStep(model), (example[:, 0], states),
+    # The token contiguous, as callers must pass it: the compiled kernels index x_t with the
+    # example's strides, unchecked (a slice of [2, 8, F] would bake in a batch stride of 8 F).
+    step_files = aoti_compile(FlatStep(model), (example[:, 0].contiguous(), states),
                               ({0: batch}, [{0: batch}] * len(states)), metadata)
     package_aoti(path, {"forward": forward_files, "step": step_files})
     print(f"AOTInductor: {path}  (models 'forward' and 'step', compiled in "
@@ -202,7 +217,7 @@ def export_aoti(model: StreamingModel, path: str, device: torch.device, x: Tenso
         flat = [t for state in model.empty_states(x.size(0), x.dtype, device) for t in state]
         outputs = []
         for t in range(x.size(1)):
-            y, flat = step(x[:, t], flat)
+            y, flat = step(x[:, t].contiguous(), flat)
             outputs.append(y)
         got_step = torch.stack(outputs, dim=1)
     diffs = max_diff(got, want), max_diff(got_step, want_step)

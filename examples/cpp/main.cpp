@@ -200,7 +200,10 @@ class AotiModel : public Model {
   }
 
   at::Tensor step(const at::Tensor& x_t) override {
-    std::vector<at::Tensor> inputs{x_t};
+    // Contiguous: AOTInductor's generated kernels index an input with the strides it was
+    // compiled for (examples/export.py compiles a contiguous [B, F]) and do not check them; a
+    // token sliced from [B, N, F] has a batch stride of N * F and read other tokens' numbers.
+    std::vector<at::Tensor> inputs{x_t.contiguous()};
     inputs.insert(inputs.end(), states_.begin(), states_.end());
     auto outputs = step_->run(inputs);  // y_t, then the new states
     if (outputs.size() != states_.size() + 1) {
