@@ -1,7 +1,9 @@
 """CPU benchmark of aaren.scan, forward and forward+backward, side by side with its floors
 and with what a user would otherwise write.
 
-For each (B, N, H, D, dtype) it reports, measured in one run (medians of repeated calls):
+For each (B, N, H, D, dtype) it reports, measured in one run (medians of repeated calls; the
+copy and the kernels, split and whole, take turns call by call, so that their ratios share
+the machine's load):
   - aaren forward and backward kernels into reused output buffers (scan_forward_into /
     scan_backward_into): time, achieved GB/s, and the ratio to a plain copy of `values`
     into a reused buffer (the memory-bandwidth floor);
@@ -49,6 +51,22 @@ BASELINE_MAX_LENGTH = 16384
 HEADLINE = (4, 4096, 8, 64)
 
 
+def interleaved_medians(fns, repeats):
+    """Median seconds of each of `fns` (a dict of callables), run in turn once per round for
+    `repeats` rounds after one warm-up call each: a burst of load from other work on the
+    machine then falls on every function alike, so their ratios hold where figures measured
+    one function after another (9 calls of one, then 9 of the next) moved by +-30%."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def median_seconds(fn, repeats, warmup=1):
     for _ in range(warmup):
         fn()
@@ -92,13 +110,18 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
     def backward():
         torch.ops.aaren.scan_backward_into(grad_out, None, scores, values, out, lse, None, None, *grads)
 
-    t_copy = median_seconds(lambda: copy_target.copy_(values), repeats)
+    def whole(fn):  # the same kernel with each sequence left whole
+        def run():
+            with sequence_chunks(1):
+                fn()
+        return run
+
     with sequence_chunks(0):
-        t_forward = median_seconds(forward, repeats)
-        t_backward = median_seconds(backward, repeats)
-    with sequence_chunks(1):
-        t_forward_whole = median_seconds(forward, repeats)
-        t_backward_whole = median_seconds(backward, repeats)
+        t = interleaved_medians({"copy": lambda: copy_target.copy_(values), "forward": forward,
+                                 "backward": backward, "forward_whole": whole(forward),
+                                 "backward_whole": whole(backward)}, repeats)
+    t_copy, t_forward, t_backward = t["copy"], t["forward"], t["backward"]
+    t_forward_whole, t_backward_whole = t["forward_whole"], t["backward_whole"]
     t_scan_allocating = median_seconds(lambda: aaren.scan(scores, values), repeats)
     t_allocate = median_seconds(lambda: torch.empty_like(values).fill_(0), repeats)
 
