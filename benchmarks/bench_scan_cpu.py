@@ -223,8 +223,10 @@ def main():
         dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     info = aaren.build_info()
     print(f"aaren {info['version']} CPU benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"ISA {info['cpu_isa_selected']}; medians of {repeats} (kernels) / {baseline_repeats} (baselines) runs")
-    print("fwd/bwd: kernels into reused buffers; 'scan() ms' allocates its output (alloc+touch shown apart);")
+          f"ISA {info['cpu_isa_selected']}; medians of {repeats} rounds (kernels) / {baseline_repeats} runs (baselines)")
+    print("fwd/bwd: kernels into reused buffers, taking turns call by call with the copy (and with the")
+    print("unsplit kernels) in each round; 'scan() ms' allocates its output (alloc+touch shown apart);")
+    print("the allocating call, alloc+touch and the baselines are each timed on their own, one after another;")
     print("speedups compare aaren.scan through autograd with the baselines through autograd.\n")
     rows = []
     for shape in grid:

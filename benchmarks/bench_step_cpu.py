@@ -28,7 +28,8 @@ right before and after each run (the median of the two).
     python benchmarks/bench_step_cpu.py                # the grid, about a minute
     python benchmarks/bench_step_cpu.py --compile --profile   # the figures of docs/results.md
     python benchmarks/bench_step_cpu.py --smoke        # tiny, in seconds (checks it runs)
-    python benchmarks/bench_step_cpu.py --cpp build/deploy/cpp/aaren_deploy   # + C++, ~10 min
+    python benchmarks/bench_step_cpu.py --cpp build/deploy/cpp/aaren_deploy   # and C++, ~5 min
+    python benchmarks/bench_step_cpu.py --cpp-only --cpp build/deploy/cpp/aaren_deploy  # ~3 min
 """
 import argparse
 import os
@@ -166,15 +167,17 @@ def main():
                              "exported as TorchScript and AOTInductor")
     parser.add_argument("--cpp-only", action="store_true", help="with --cpp: skip the Python variants")
     args = parser.parse_args()
-    if args.cpp and not os.access(args.cpp, os.X_OK):
-        parser.error(f"--cpp {args.cpp}: not an executable; build examples/cpp first (docs/deploy.md)")
+    if args.cpp and not (os.path.isfile(args.cpp) and os.access(args.cpp, os.X_OK)):
+        parser.error(f"--cpp {args.cpp}: not an executable file; build examples/cpp first "
+                     f"(docs/deploy.md)")
     if args.cpp_only and not args.cpp:
         parser.error("--cpp-only needs --cpp")
     torch.set_num_threads(1)
     grid, batches, tokens = (([(16, 1)], [1], 24) if args.smoke else (GRID, BATCHES, args.tokens))
     block = min(args.block, tokens)
-    print(f"torch {torch.__version__}, 1 thread, {HEADS} heads, float32; per-token medians over "
-          f"{tokens} tokens in blocks of {block} (first tokens: {max(1, tokens // 16) * 16})\n")
+    if not args.cpp_only:
+        print(f"torch {torch.__version__}, 1 thread, {HEADS} heads, float32; per-token medians over "
+              f"{tokens} tokens in blocks of {block} (first tokens: {max(1, tokens // 16) * 16})\n")
     header = ["E", "layers", "batch", "products us", "eager us", "eager / products",
               "scripted us", "scripted / products"]
     if args.compile:
@@ -248,8 +251,12 @@ def measure_cpp(binary, E, layers, batches, tokens, work_dir):
                        "--threads", "1", "--warmup", "5", "--show", "0"]
             run = subprocess.run(command, capture_output=True, text=True)
             found = re.search(r"p50 ([0-9.]+) ms", run.stdout)
-            if run.returncode != 0 or found is None:
+            if run.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed (exit {run.returncode}):\n"
+                                   f"{run.stdout}\n{run.stderr}")
+            if found is None:
+                raise RuntimeError(f"{' '.join(command)} printed no 'p50 ... ms' latency: is "
+                                   f"{binary} examples/cpp's aaren_deploy? Its output:\n"
                                    f"{run.stdout}\n{run.stderr}")
             with torch.inference_mode():
                 after = products_seconds(products, batch, E)
@@ -258,7 +265,8 @@ def measure_cpp(binary, E, layers, batches, tokens, work_dir):
 
 
 def print_cpp_table(binary, grid, batches, tokens):
-    print(f"\nThe C++ program ({binary}), 1 thread, per-token p50 over {tokens} tokens:\n")
+    print(f"\nThe C++ program ({binary}), torch {torch.__version__}, {HEADS} heads, float32, 1 thread, "
+          f"per-token p50 over {tokens} tokens:\n")
     header = ["E", "layers", "batch", "products us", "TorchScript p50 us", "TorchScript / products",
               "AOTInductor p50 us", "AOTInductor / products"]
     rows = []

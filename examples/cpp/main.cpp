@@ -187,7 +187,9 @@ class AotiModel : public Model {
   std::string kind() const override { return "AOTInductor"; }
   c10::Device device() const override { return device_; }
 
-  at::Tensor forward(const at::Tensor& x) override { return forward_->run({x}).at(0); }
+  // Contiguous, as step's token below: the compiled kernels index x with the strides of the
+  // example the package was compiled from, unchecked.
+  at::Tensor forward(const at::Tensor& x) override { return forward_->run({x.contiguous()}).at(0); }
 
   void reset(int64_t batch) override {
     states_.clear();
