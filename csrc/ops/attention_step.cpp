@@ -66,16 +66,20 @@ void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_wei
               {width / num_heads, "E / num_heads"});
 }
 
+std::pair<at::Tensor, at::Tensor> split_projection(const at::Tensor& projected, int64_t num_heads) {
+  const c10::SymInt width = projected.sym_size(1) - num_heads;
+  // The values a view with a contiguous last dimension: aaren::step reads them through their
+  // strides. Symbolic sizes, for the composite under fake tensors.
+  return {projected.narrow_symint(1, 0, num_heads),
+          projected.narrow_symint(1, num_heads, width)
+              .view_symint({projected.sym_size(0), num_heads, width / num_heads})};
+}
+
 AttentionStepResult attention_step_three_calls(
     const at::Tensor& x, const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias,
     const at::Tensor& out_weight, const std::optional<at::Tensor>& out_bias, int64_t num_heads,
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
-  const c10::SymInt& width = x.sym_size(1);
-  const at::Tensor projected = at::linear(x, proj_weight, proj_bias);  // [B, H + E]
-  const at::Tensor score = projected.narrow_symint(1, 0, num_heads);
-  // A view with a contiguous last dimension: aaren::step reads it through its strides.
-  const at::Tensor value = projected.narrow_symint(1, num_heads, width)
-                               .view_symint({x.sym_size(0), num_heads, width / num_heads});
+  const auto [score, value] = split_projection(at::linear(x, proj_weight, proj_bias), num_heads);
   auto [out, lse, new_state_out] = step(score, value, state_lse, state_out);
   return {at::linear(out.flatten(1), out_weight, out_bias), lse, new_state_out};
 }

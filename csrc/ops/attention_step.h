@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace aaren::ops {
 
@@ -20,6 +21,10 @@ void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_wei
                                  const std::optional<at::Tensor>& out_bias, int64_t num_heads,
                                  const std::optional<at::Tensor>& state_lse,
                                  const std::optional<at::Tensor>& state_out);
+
+// The stacked projection's output [B, H + E] as the step's inputs: the scores [B, H] and the
+// values [B, H, E / H], both views of it.
+std::pair<at::Tensor, at::Tensor> split_projection(const at::Tensor& projected, int64_t num_heads);
 
 // The step as the three calls it stands for: linear, aaren::step, linear, on inputs already
 // checked (check_attention_step_inputs).

@@ -93,9 +93,7 @@ AttentionStepResult attention_step_cpu(
                           data_or_null<scalar_t>(proj_bias), projected.mutable_data_ptr<scalar_t>(),
                           batch, num_heads + width, width);
   });
-  const at::Tensor score = projected.narrow(1, 0, num_heads);
-  const at::Tensor value = projected.narrow(1, num_heads, width)
-                               .view({batch, num_heads, width / num_heads});
+  const auto [score, value] = split_projection(projected, num_heads);
   auto [out, lse, new_state_out] = step_with(forward, score, value, state_lse, state_out);
   const at::Tensor out_rows = out.view({batch, width});  // step returns it contiguous
   AT_DISPATCH_FLOATING_TYPES(dtype, "aaren_attention_step_cpu", [&] {
