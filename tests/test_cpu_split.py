@@ -116,36 +116,43 @@ def test_split_short_sequences(chunks, length, with_state):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_automatic_split_of_one_long_sequence(monkeypatch, dtype):
-    """Unforced, on one thread, a sequence of 2048 tokens with 6 heads is split in 2 (the plan
-    wants 2 tasks per thread of 4 independent recurrences each, 8 in all, and chunks of 512
-    tokens at least): the results are the split ones, bit for bit, and their errors within
-    the rule's factor of the unsplit kernel's own (at 2048 tokens, scores from -100 to 100,
-    the unsplit float32 kernel's streaming sums already exceed 3x plain PyTorch's pairwise
-    error in out and d/d scores: the rule against plain PyTorch is tested on 50 tokens)."""
+    """Unforced, sequences of 2048 tokens are split only when they would leave threads idle: on
+    8 threads, 1 batch x 6 heads are cut in 4 chunks each (the plan wants 2 tasks per thread
+    of 4 independent recurrences each, 64 in all, and chunks of 512 tokens at least), and
+    the results are the 4-chunk ones, bit for bit, with errors within the rule's factor of
+    the unsplit kernel's own (at 2048 tokens, scores from -100 to 100, the unsplit float32
+    kernel's streaming sums already exceed 3x plain PyTorch's pairwise error in out and
+    d/d scores: the rule against plain PyTorch is tested on 50 tokens). On one thread it is
+    left whole: the split would read the values twice for no thread's gain."""
     monkeypatch.delenv(CHUNKS_VARIABLE, raising=False)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    scores, values, state = mixed_problem(1, 2048, 16, dtype, "cpu", True)
+    grad_out, grad_lse = seeds(values, "out and lse", dtype)
+    inputs = (scores, values, *state)
+
+    def run(count, thread_count):
+        if count is None:
+            monkeypatch.delenv(CHUNKS_VARIABLE, raising=False)
+        else:
+            monkeypatch.setenv(CHUNKS_VARIABLE, str(count))
+        torch.set_num_threads(thread_count)
+        return scan_outputs(scores, values, state) + tuple(gradients(op_outputs, inputs, grad_out, grad_lse))
+
     try:
-        scores, values, state = mixed_problem(1, 2048, 16, dtype, "cpu", True)
-        grad_out, grad_lse = seeds(values, "out and lse", dtype)
-        inputs = (scores, values, *state)
-        automatic = scan_outputs(scores, values, state)
-        automatic_grads = gradients(op_outputs, inputs, grad_out, grad_lse)
-        monkeypatch.setenv(CHUNKS_VARIABLE, "2")
-        split = scan_outputs(scores, values, state)
-        split_grads = gradients(op_outputs, inputs, grad_out, grad_lse)
-        monkeypatch.setenv(CHUNKS_VARIABLE, "1")
-        whole = scan_outputs(scores, values, state)
-        whole_grads = gradients(op_outputs, inputs, grad_out, grad_lse)
+        automatic, split = run(None, 8), run(4, 8)
+        automatic_one_thread, whole = run(None, 1), run(1, 1)
     finally:
         torch.set_num_threads(threads)
-    for got, want in zip(automatic + tuple(automatic_grads), split + tuple(split_grads)):
+    assert scores.shape[0] * scores.shape[2] == 6
+    for got, want in zip(automatic, split):
         assert torch.equal(got, want)
-    assert any(not torch.equal(got, want) for got, want in zip(automatic_grads, whole_grads))
+    for got, want in zip(automatic_one_thread, whole):
+        assert torch.equal(got, want)
+    assert any(not torch.equal(got, want) for got, want in zip(automatic[3:], whole[3:]))
     exact = gradients(naive_outputs(torch.float64), inputs, grad_out, grad_lse, lambda t: t.double())
     ref, ref_lse = reference_scan(scores, values, state)
-    for name, got, want, unsplit in zip(["out", "lse"] + NAMES, automatic[:2] + tuple(automatic_grads),
-                                        [ref, ref_lse] + exact, whole[:2] + tuple(whole_grads)):
+    for name, got, want, unsplit in zip(["out", "lse"] + NAMES, automatic[:2] + automatic[3:],
+                                        [ref, ref_lse] + exact, whole[:2] + whole[3:]):
         error, magnitude = error_against(got, want)
         unsplit_error, _ = error_against(unsplit, want)
         assert error <= FACTOR * unsplit_error + EPS[dtype] * magnitude, (name, error, unsplit_error)

@@ -78,9 +78,9 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
 // [B, N, H, D] layout, so a task streams through memory as a copy does (one sequence at a
 // time would jump H*D elements per token, defeating the hardware prefetchers).
 //
-// When batch x heads is too few lanes to give every thread tasks of several lanes (a long
-// single sequence: one thread, one dependent chain of exps), each sequence is split into
-// chunks, in the three phases of the CUDA kernels (docs/design.md, "Performance on the CPU"):
+// When batch x heads is fewer sequences than threads (a long single sequence would keep one
+// thread busy and leave the others idle), each sequence is split into chunks, in the three
+// phases of the CUDA kernels (docs/design.md, "Performance on the CPU"):
 //   1. summarize: every chunk but one from an empty start, keeping only its summary
 //      (forward: the (lse, out) of its tokens; backward: its suffix sums S, P, P');
 //   2. combine the summaries in order, per sequence (combine.h), into each chunk's carry:
@@ -95,8 +95,11 @@ struct Plan {
   int64_t grain;      // tasks per thread at least, so small problems stay on one thread
 };
 
-// Independent recurrences one thread should interleave: enough to hide an exp's latency
-// behind the others' arithmetic (measured on AVX2: one lane runs ~2x slower per token).
+// Once split, the lanes each thread should have: independent recurrences that hide each
+// other's exp latency (measured on AVX2: one lane ran ~2x slower per token). On one thread the
+// split does not pay for itself: phase 1 reads the values a second time, and a whole
+// sequence measured faster than its chunks, forward and backward (1x262144x1x64 bfloat16, in
+// one process: 1.9x a copy whole against 2.2x in 8 chunks forward, 3.3x against 4.9x backward).
 constexpr int64_t kLanesPerTask = 4;
 // The shortest chunk worth its summary (a D-row per chunk and a second read of the chunk's
 // inputs in phase 1).
@@ -124,7 +127,7 @@ Plan plan_work(int64_t batch, int64_t length, int64_t heads, int64_t head_dim) {
   int64_t chunks = forced_chunks();
   if (chunks == 0) {
     const int64_t wanted_lanes = wanted_tasks * kLanesPerTask;
-    chunks = sequences >= wanted_lanes
+    chunks = sequences >= at::get_num_threads()
         ? 1
         : std::min((wanted_lanes + sequences - 1) / sequences, length / kMinChunkTokens);
   }
@@ -222,6 +225,9 @@ void step_in_float64(const ForwardArgs& args) {
 
 // ---- Forward --------------------------------------------------------------------------
 
+// Tokens' lse computed together when a task has too few lanes to fill a float64 vector.
+constexpr int64_t kPendingLogs = 32;
+
 // A task's lanes in the forward: where each starts (its first token), how many tokens it
 // has, and its online softmax (combine.h): running max m, denominator u, numerator row w.
 template <typename scalar_t>
@@ -235,12 +241,42 @@ struct ForwardScratch {
   // A token's (m, u) per lane, in float64, turned into lse = m + log u with one vectorized
   // float64 log over the lanes (a scalar one per lane cost as much as the rest of the forward).
   std::vector<double> token_max, token_sum, token_lse;
+  // With a lane or two, the (m, u) of several tokens wait here with where their lse goes, for
+  // one vector log over all of them: a vector log per token for one lane (a long single
+  // sequence) was a quarter of the forward's time (perf, bfloat16), and batching them cut
+  // it by a quarter (alternated in one process). With 4 lanes it measured no faster.
+  std::vector<double> pending_max, pending_sum;
+  std::vector<double*> pending_lse;
+  int64_t pending = 0;
   int64_t row_width;
 
   ForwardScratch(int64_t lanes, int64_t row_width_)
       : score(lanes), value(lanes), out(lanes), lse(lanes), length(lanes), running_max(lanes),
         denominator(lanes), numerator(lanes * row_width_), token_max(lanes), token_sum(lanes),
-        token_lse(lanes), row_width(row_width_) {}
+        token_lse(lanes), pending_max(pending_capacity(lanes)),
+        pending_sum(pending_capacity(lanes)), pending_lse(pending_capacity(lanes)),
+        row_width(row_width_) {}
+
+  static int64_t pending_capacity(int64_t lanes) {
+    return std::max<int64_t>(kPendingLogs, lanes);
+  }
+
+  // lse = m + log u (combine.h, lse_of_wide: u = 0 gives log 0 = -inf with m = -inf) for
+  // every pending token, written where it goes.
+  void flush_logs() {
+    using DoubleVec = Vectorized<double>;
+    alignas(64) double lse_values[DoubleVec::size()];
+    for (int64_t i = 0; i < pending; i += DoubleVec::size()) {
+      const int64_t count = std::min<int64_t>(DoubleVec::size(), pending - i);
+      const DoubleVec m = DoubleVec::loadu(pending_max.data() + i, count);
+      const DoubleVec u = DoubleVec::loadu(pending_sum.data() + i, count);
+      (m + u.log()).store(lse_values, count);
+      for (int64_t k = 0; k < count; ++k) {
+        *pending_lse[i + k] = lse_values[k];
+      }
+    }
+    pending = 0;
+  }
 
   // Lane j starts from the state (L0, o0) (null: the empty state), entering as (m, u, u o0)
   // with (m, u) = max_sum_of(L0) (combine.h).
@@ -290,6 +326,8 @@ void forward_lanes(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t head_dim,
   using DoubleVec = Vectorized<double>;
   constexpr int64_t acc_width = AccVec::size();
   const int64_t longest = *std::max_element(t.length.begin(), t.length.begin() + lanes);
+  // A token's logs fill at most a quarter of a vector: they wait for others' (flush_logs).
+  const bool batch_logs = 4 * lanes <= DoubleVec::size();
 
   for (int64_t n = 0; n < longest; ++n) {
     for (int64_t j = 0; j < lanes; ++j) {
@@ -334,7 +372,19 @@ void forward_lanes(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t head_dim,
         }
       }
     }
-    if constexpr (kOutputs) {
+    if (kOutputs && batch_logs) {
+      if (t.pending + lanes > static_cast<int64_t>(t.pending_max.size())) {
+        t.flush_logs();
+      }
+      for (int64_t j = 0; j < lanes; ++j) {
+        if (n < t.length[j]) {
+          t.pending_max[t.pending] = t.token_max[j];
+          t.pending_sum[t.pending] = t.token_sum[j];
+          t.pending_lse[t.pending] = t.lse[j] + n * steps.lse;
+          ++t.pending;
+        }
+      }
+    } else if constexpr (kOutputs) {
       // lse = m + log u (combine.h, lse_of_wide): u = 0 gives log 0 = -inf with m = -inf.
       double* lse_out = lanes_adjacent ? t.lse[0] + n * steps.lse : t.token_lse.data();
       for (int64_t j = 0; j < lanes; j += DoubleVec::size()) {
@@ -351,6 +401,9 @@ void forward_lanes(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t head_dim,
         }
       }
     }
+  }
+  if constexpr (kOutputs) {
+    t.flush_logs();
   }
 }
 
