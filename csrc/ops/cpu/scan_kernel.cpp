@@ -122,12 +122,17 @@ int64_t forced_chunks() {
 }
 
 Plan plan_work(int64_t batch, int64_t length, int64_t heads, int64_t head_dim) {
-  const int64_t wanted_tasks = 2 * at::get_num_threads();
+  // Two tasks per thread, so that a thread done early takes another; on one thread there is
+  // nothing to balance, and one task per batch interleaves all of its heads (measured, one
+  // thread, alternated in one process: 1x16384x2x64 and 1x4096x8x64 ran 13% to 44% faster
+  // than in two tasks).
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted_tasks = threads == 1 ? 1 : 2 * threads;
   const int64_t sequences = std::max<int64_t>(batch * heads, 1);
   int64_t chunks = forced_chunks();
   if (chunks == 0) {
     const int64_t wanted_lanes = wanted_tasks * kLanesPerTask;
-    chunks = sequences >= at::get_num_threads()
+    chunks = sequences >= threads
         ? 1
         : std::min((wanted_lanes + sequences - 1) / sequences, length / kMinChunkTokens);
   }
