@@ -736,3 +736,30 @@ def test_forward_and_backward_on_two_threads(dtype, shape):
     baseline = gradients(naive_outputs(dtype), inputs, grad_out, grad_lse, lambda t: t.to(dtype))
     for name, got, want, plain_grad in zip(NAMES, grads, exact, baseline):
         assert_close_to_reference(got, want, plain_grad, what=f"d/d {name}")
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 3, 70), (1, 600, 1, 32)])
+def test_bfloat16_outputs_are_the_float32_kernels_rounded(shape):
+    """The CPU kernels accumulate bfloat16 in float32 exactly as they run float32 itself, so
+    each bfloat16 output is the float32 kernel's on the same (widened) inputs, rounded to
+    nearest even as PyTorch rounds: bit for bit, whichever conversion the selected
+    instruction set stores with (AVX512_BF16 has its own instruction, which flushes
+    subnormals; values in that range are here, as are values that round up to infinity,
+    infinities and NaN)."""
+    B, N, H, D = shape
+    generator = torch.Generator().manual_seed(7)
+    scores = torch.randn(B, N, H, generator=generator).bfloat16()
+    values = torch.randn(B, N, H, D, generator=generator)
+    values[..., 0] = 3e-39       # a bfloat16 subnormal
+    values[..., 1] = -1.5e-38    # near the smallest normal
+    values[..., 2] = 3.39e38     # near the largest: a mean of them may round to inf
+    values[0, 1, 0, 3] = float("inf")
+    values[0, 2, 0, 4] = float("nan")
+    values = values.bfloat16()
+    out, lse, final_out = torch.ops.aaren.scan_forward(scores, values, None, None)
+    wide = torch.ops.aaren.scan_forward(scores.float(), values.float(), None, None)
+    torch.testing.assert_close(out, wide[0].bfloat16(), rtol=0, atol=0, equal_nan=True)
+    for got, want in zip((lse, final_out), wide[1:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert (out[..., 0] != 0).all()  # subnormals kept, not flushed
+    assert out[..., 2].isinf().any() and out.isnan().any()

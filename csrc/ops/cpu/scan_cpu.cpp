@@ -16,6 +16,11 @@ struct Kernels {
 Kernels choose_kernels() {
   // PyTorch's choice for this CPU, e.g. "AVX2"; it honours ATEN_CPU_CAPABILITY.
   const std::string capability = at::get_cpu_capability();
+#ifdef AAREN_HAVE_AVX512_BF16
+  if (capability == "AVX512" && __builtin_cpu_supports("avx512bf16")) {
+    return {"AVX512_BF16", AVX512_BF16::scan_forward, AVX512_BF16::scan_backward};
+  }
+#endif
 #ifdef AAREN_HAVE_AVX512
   if (capability == "AVX512") {
     return {"AVX512", AVX512::scan_forward, AVX512::scan_backward};

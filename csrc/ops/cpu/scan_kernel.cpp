@@ -1,6 +1,7 @@
 // CPU kernels of the scan, forward and backward. This file is compiled once per CPU
-// instruction set (as PyTorch compiles its own kernels: DEFAULT, AVX2, AVX512), each
-// time into the namespace named by CPU_CAPABILITY; scan_cpu.cpp picks one at run time.
+// instruction set (as PyTorch compiles its own kernels: DEFAULT, AVX2, AVX512; and
+// AVX512_BF16, AVX512 with the bfloat16 conversions), each time into the namespace named
+// by CPU_CAPABILITY; scan_cpu.cpp picks one at run time.
 //
 // Work is split over the B x H independent sequences (and, when they are too few to keep
 // every thread busy, over chunks of each sequence: see "The split of the work") with
@@ -59,6 +60,23 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
     std::tie(dst[0], dst[1]) = at::vec::convert_to_float<scalar_t>(v);
   }
   static void store(scalar_t* dst, int64_t count, const AccVec* src) {
+#ifdef CPU_CAPABILITY_AVX512_BF16
+    // One instruction for ATen's rounding sequence (round to nearest even, as it does; the
+    // bfloat16 stores ran 6-8% faster, alternated in one process), except that it flushes
+    // subnormals to zero: a vector holding one takes ATen's conversion.
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      constexpr int kSubnormal = 0x20;  // vfpclassps: denormal
+      if ((_mm512_fpclass_ps_mask(src[0], kSubnormal) | _mm512_fpclass_ps_mask(src[1], kSubnormal)) == 0) {
+        const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(src[1], src[0]));
+        if (count == width) {
+          _mm512_storeu_si512(dst, v);
+        } else {
+          _mm512_mask_storeu_epi16(dst, static_cast<__mmask32>((1ULL << count) - 1), v);
+        }
+        return;
+      }
+    }
+#endif
     const Vec v = at::vec::convert_from_float<scalar_t>(src[0], src[1]);
     if (count == width) {
       v.store(dst);

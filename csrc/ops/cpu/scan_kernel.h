@@ -18,6 +18,9 @@ AAREN_DECLARE_CPU_KERNELS(AVX2)
 #ifdef AAREN_HAVE_AVX512
 AAREN_DECLARE_CPU_KERNELS(AVX512)
 #endif
+#ifdef AAREN_HAVE_AVX512_BF16
+AAREN_DECLARE_CPU_KERNELS(AVX512_BF16)
+#endif
 
 #undef AAREN_DECLARE_CPU_KERNELS
 
@@ -26,7 +29,8 @@ void forward(const ForwardArgs& args);
 void backward(const BackwardArgs& args);
 
 // The instruction set the kernels run with: the best one compiled that PyTorch
-// itself uses on this CPU (so ATEN_CPU_CAPABILITY lowers both alike).
+// itself uses on this CPU (so ATEN_CPU_CAPABILITY lowers both alike), AVX512 with its
+// bfloat16 instructions (AVX512_BF16) where the CPU has them.
 const char* selected_isa();
 
 }  // namespace aaren::ops::cpu
