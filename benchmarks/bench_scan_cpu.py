@@ -13,7 +13,8 @@ the machine's load):
     the scan itself;
   - the same kernels with the sequence left whole (AAREN_CPU_SEQUENCE_CHUNKS=1), against the
     kernels' own choice: what splitting long sequences into chunks buys (docs/design.md,
-    "Performance on the CPU"; rows with enough batch x heads are not split, and read ~1x);
+    "Performance on the CPU"; rows with at least as many sequences (batch x heads) as
+    threads, so every row on one thread, are not split, and read ~1x);
   - speedups against a pure-PyTorch Hillis-Steele scan (aaren.reference) and against
     scaled_dot_product_attention(is_causal=True) with the same query at every position,
     forward and forward+backward (through autograd, allocating, as users run them); not
