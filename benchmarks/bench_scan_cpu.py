@@ -202,12 +202,36 @@ def print_table(rows):
                                 for key, _, fmt in COLUMNS) + " |")
 
 
+FLOATING_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def shape_list(text):
+    """--shapes: comma-separated BxNxHxD, four positive integers each."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.split("x")
+        if len(parts) != 4 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise argparse.ArgumentTypeError(f"a shape is BxNxHxD, four positive integers, got {item!r}")
+        shapes.append(tuple(int(part) for part in parts))
+    return shapes
+
+
+def dtype_list(text):
+    """--dtypes: comma-separated floating dtypes, by their torch names."""
+    names = text.split(",")
+    for name in names:
+        if name not in FLOATING_DTYPES:
+            raise argparse.ArgumentTypeError(f"dtypes are among {', '.join(FLOATING_DTYPES)}, got {name!r}")
+    return [getattr(torch, name) for name in names]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the headline shape only")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
-    parser.add_argument("--shapes", help="comma-separated BxNxHxD rows instead of the grid")
-    parser.add_argument("--dtypes", help="comma-separated dtypes (default float32,bfloat16)")
+    parser.add_argument("--shapes", type=shape_list, help="comma-separated BxNxHxD rows instead of the grid")
+    parser.add_argument("--dtypes", type=dtype_list,
+                        help="comma-separated dtypes (default float32,bfloat16; float32 with --quick or --smoke)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
     args = parser.parse_args()
     if args.threads:
@@ -219,11 +243,11 @@ def main():
     else:
         grid, dtypes, repeats, baseline_repeats = GRID, [torch.float32, torch.bfloat16], 9, 2
     if args.shapes:
-        grid = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+        grid = args.shapes
     if args.dtypes:
-        dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+        dtypes = args.dtypes
     info = aaren.build_info()
-    print(f"aaren {info['version']} CPU benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"aaren {info['version']} CPU benchmark: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"ISA {info['cpu_isa_selected']}; medians of {repeats} rounds (kernels) / {baseline_repeats} runs (baselines)")
     print("fwd/bwd: kernels into reused buffers, taking turns call by call with the copy (and with the")
     print("unsplit kernels) in each round; 'scan() ms' allocates its output (alloc+touch shown apart);")

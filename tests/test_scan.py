@@ -686,10 +686,10 @@ def test_large_sequence_is_a_streaming_pass(device):
 # ---------------------------------------------------------------- threads
 
 def cpu_task_split(threads, B, N, H, D):
-    """split_tasks in csrc/ops/cpu/scan_kernel.cpp: (tasks, grain). at::parallel_for runs
-    tasks on more than one thread only when tasks > grain (and then on
-    min(threads, ceil(tasks / grain)) of them)."""
-    wanted = 2 * threads
+    """plan_work in csrc/ops/cpu/scan_kernel.cpp, for sequences it does not split: (tasks,
+    grain). at::parallel_for runs tasks on more than one thread only when tasks > grain (and
+    then on min(threads, ceil(tasks / grain)) of them)."""
+    wanted = 1 if threads == 1 else 2 * threads
     tasks_per_batch = min(max(-(-wanted // max(B, 1)), 1), max(H, 1))
     heads_per_task = -(-H // tasks_per_batch)
     tasks = B * -(-H // heads_per_task)
