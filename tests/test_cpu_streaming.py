@@ -1,5 +1,5 @@
-"""The CPU kernels' streaming (non-temporal) stores of their outputs (csrc/ops/cpu/scan_kernel.cpp,
-"Streaming stores"): the stores that skip the caches must write the very bits the plain ones
+"""The CPU kernels' streaming (non-temporal) stores of their outputs (csrc/ops/cpu/work_plan.cpp,
+"Streaming stores", and vec_io.h): the stores that skip the caches must write the very bits the plain ones
 do, forward and backward, in every dtype, with rows that end in a partial vector, with
 outputs not aligned to a vector, and with a split sequence. AAREN_CPU_STREAMING_STORES=1
 streams whatever the size and 0 never does, so both paths run here on small problems.

@@ -169,8 +169,8 @@ def test_build_report():
 
 def test_parallel_kernels_use_every_thread_setting():
     """The same result with one thread as with two, forward and backward (the work split must
-    not matter), on a problem large enough that two threads really run: split_tasks
-    (csrc/ops/cpu/scan_kernel.cpp) makes B = 16 tasks of N * H * D = 32 * 8 * 16 = 4096
+    not matter), on a problem large enough that two threads really run: plan_work
+    (csrc/ops/cpu/work_plan.cpp) makes B = 16 tasks of N * H * D = 32 * 8 * 16 = 4096
     elements here, so the grain is 2^15 / 4096 = 8 tasks and at::parallel_for, which runs
     inline unless tasks > grain, gives 8 tasks to each of 2 threads."""
     B, N, H, D = 16, 32, 8, 16

@@ -686,7 +686,7 @@ def test_large_sequence_is_a_streaming_pass(device):
 # ---------------------------------------------------------------- threads
 
 def cpu_task_split(threads, B, N, H, D):
-    """plan_work in csrc/ops/cpu/scan_kernel.cpp, for sequences it does not split: (tasks,
+    """plan_work in csrc/ops/cpu/work_plan.cpp, for sequences it does not split: (tasks,
     grain). at::parallel_for runs tasks on more than one thread only when tasks > grain (and
     then on min(threads, ceil(tasks / grain)) of them)."""
     wanted = 1 if threads == 1 else 2 * threads

@@ -1,0 +1,126 @@
+// Loads and stores of the CPU kernels, compiled once per instruction set with them
+// (scan_kernel.cpp): rows of scalar_t as vectors of the accumulation type, and the streaming
+// (non-temporal) stores that work_plan.cpp's use_streaming_stores chooses.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "vec_io.h belongs to the per-instruction-set kernels (scan_kernel.cpp)"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+namespace aaren::ops::cpu::CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Streams the vector's bits to dst when this instruction set can and dst is aligned to them
+// (work_plan.cpp, "Streaming stores": only whole, aligned vectors stream); false: the caller
+// stores them plainly.
+template <typename Bits, typename T>
+bool stream_bits(T* dst, const Bits& bits) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(Bits) == 64) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+      __m512i word;
+      std::memcpy(&word, &bits, 64);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), word);
+      return true;
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (sizeof(Bits) == 32) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
+      __m256i word;
+      std::memcpy(&word, &bits, 32);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), word);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
+template <typename T>
+bool stream_vector(T* dst, const Vectorized<T>& v) {
+  return stream_bits(dst, v);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Loads and stores a run of up to `width` elements of scalar_t as vectors of the
+// accumulation type. Half types widen one vector into two float vectors.
+template <typename scalar_t, typename = void>
+struct VecIO {
+  using acc_t = scalar_t;
+  using AccVec = Vectorized<acc_t>;
+  static constexpr int64_t width = AccVec::size();
+  static constexpr int parts = 1;
+
+  static void load(const scalar_t* src, int64_t count, AccVec* dst) {
+    dst[0] = count == width ? AccVec::loadu(src) : AccVec::loadu(src, count);
+  }
+  static void store(scalar_t* dst, int64_t count, const AccVec* src, bool streaming) {
+    if (count == width) {
+      if (!(streaming && stream_vector(dst, src[0]))) {
+        src[0].store(dst);
+      }
+    } else {
+      src[0].store(dst, count);
+    }
+  }
+};
+
+template <typename scalar_t>
+struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scalar_t>>> {
+  using acc_t = float;
+  using AccVec = Vectorized<float>;
+  using Vec = Vectorized<scalar_t>;
+  static constexpr int64_t width = Vec::size();
+  static constexpr int parts = 2;
+
+  static void load(const scalar_t* src, int64_t count, AccVec* dst) {
+    const Vec v = count == width ? Vec::loadu(src) : Vec::loadu(src, count);
+    std::tie(dst[0], dst[1]) = at::vec::convert_to_float<scalar_t>(v);
+  }
+  static void store(scalar_t* dst, int64_t count, const AccVec* src, bool streaming) {
+#ifdef CPU_CAPABILITY_AVX512_BF16
+    // One instruction for ATen's rounding sequence (round to nearest even, as it does; the
+    // bfloat16 stores ran 6-8% faster, alternated in one process), except that it flushes
+    // subnormals to zero: a vector holding one takes ATen's conversion.
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      constexpr int kSubnormal = 0x20;  // vfpclassps: denormal
+      if ((_mm512_fpclass_ps_mask(src[0], kSubnormal) | _mm512_fpclass_ps_mask(src[1], kSubnormal)) == 0) {
+        const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(src[1], src[0]));
+        if (count == width) {
+          if (!(streaming && stream_bits(dst, v))) {
+            _mm512_storeu_si512(dst, v);
+          }
+        } else {
+          _mm512_mask_storeu_epi16(dst, static_cast<__mmask32>((1ULL << count) - 1), v);
+        }
+        return;
+      }
+    }
+#endif
+    const Vec v = at::vec::convert_from_float<scalar_t>(src[0], src[1]);
+    if (count == width) {
+      if (!(streaming && stream_vector(dst, v))) {
+        v.store(dst);
+      }
+    } else {
+      v.store(dst, count);
+    }
+  }
+};
+
+}  // namespace aaren::ops::cpu::CPU_CAPABILITY
