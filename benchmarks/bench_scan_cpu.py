@@ -2,11 +2,13 @@
 and with what a user would otherwise write.
 
 For each (B, N, H, D, dtype) it reports, measured in one run (medians of repeated calls; the
-copy and the kernels, split and whole, take turns call by call, so that their ratios share
-the machine's load):
+copy and the kernels, split and whole, take turns call by call, and each ratio is the median
+of the ratios within a round, so that both sides of it share the machine's load):
   - aaren forward and backward kernels into reused output buffers (scan_forward_into /
     scan_backward_into): time, achieved GB/s, and the ratio to a plain copy of `values`
-    into a reused buffer (the memory-bandwidth floor);
+    into a reused buffer (`Tensor.copy_`, the memory-bandwidth floor; from 1 MiB of outputs
+    per thread the kernels write theirs by streaming stores, which skip the read of each
+    line a plain store makes: docs/design.md, "Performance on the CPU");
   - the allocating call `aaren.scan` (what autograd users get), and apart from it the
     cost of allocating and first touching its output: on Linux a tensor of 32 MiB or
     more is a fresh mmap on every allocation, and its page faults can cost more than
@@ -52,11 +54,11 @@ BASELINE_MAX_LENGTH = 16384
 HEADLINE = (4, 4096, 8, 64)
 
 
-def interleaved_medians(fns, repeats):
-    """Median seconds of each of `fns` (a dict of callables), run in turn once per round for
+def interleaved_times(fns, repeats):
+    """Seconds of each of `fns` (a dict of callables) per round, run in turn once per round for
     `repeats` rounds after one warm-up call each: a burst of load from other work on the
-    machine then falls on every function alike, so their ratios hold where figures measured
-    one function after another (9 calls of one, then 9 of the next) moved by +-30%."""
+    machine then falls on every function of a round alike, so their ratios hold where figures
+    measured one function after another (9 calls of one, then 9 of the next) moved by +-30%."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -65,7 +67,17 @@ def interleaved_medians(fns, repeats):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def paired_ratio(times, numerator, denominator):
+    """The median over rounds of sum(numerator's times) / sum(denominator's) within a round:
+    each ratio pairs calls made moments apart, so that a burst of load (the copy here ran
+    from 1.0 to 2.6 ms within minutes) moves both sides of it, where a ratio of medians
+    taken over all rounds pairs calls from different moments."""
+    return statistics.median(
+        sum(times[name][i] for name in numerator) / sum(times[name][i] for name in denominator)
+        for i in range(len(times[denominator[0]])))
 
 
 def median_seconds(fn, repeats, warmup=1):
@@ -118,11 +130,11 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
         return run
 
     with sequence_chunks(0):
-        t = interleaved_medians({"copy": lambda: copy_target.copy_(values), "forward": forward,
-                                 "backward": backward, "forward_whole": whole(forward),
-                                 "backward_whole": whole(backward)}, repeats)
+        rounds = interleaved_times({"copy": lambda: copy_target.copy_(values), "forward": forward,
+                                    "backward": backward, "forward_whole": whole(forward),
+                                    "backward_whole": whole(backward)}, repeats)
+    t = {name: statistics.median(times) for name, times in rounds.items()}
     t_copy, t_forward, t_backward = t["copy"], t["forward"], t["backward"]
-    t_forward_whole, t_backward_whole = t["forward_whole"], t["backward_whole"]
     t_scan_allocating = median_seconds(lambda: aaren.scan(scores, values), repeats)
     t_allocate = median_seconds(lambda: torch.empty_like(values).fill_(0), repeats)
 
@@ -167,9 +179,10 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
         "copy_ms": 1e3 * t_copy, "fwd_ms": 1e3 * t_forward, "bwd_ms": 1e3 * t_backward,
         "fwd_GBs": forward_bytes / t_forward / 1e9, "bwd_GBs": backward_bytes / t_backward / 1e9,
         "copy_GBs": copy_bytes / t_copy / 1e9,
-        "fwd_vs_copy": t_forward / t_copy, "fwdbwd_vs_copy": (t_forward + t_backward) / t_copy,
-        "x_whole_fwd": t_forward_whole / t_forward,
-        "x_whole_fb": (t_forward_whole + t_backward_whole) / (t_forward + t_backward),
+        "fwd_vs_copy": paired_ratio(rounds, ["forward"], ["copy"]),
+        "fwdbwd_vs_copy": paired_ratio(rounds, ["forward", "backward"], ["copy"]),
+        "x_whole_fwd": paired_ratio(rounds, ["forward_whole"], ["forward"]),
+        "x_whole_fb": paired_ratio(rounds, ["forward_whole", "backward_whole"], ["forward", "backward"]),
         "scan_alloc_ms": 1e3 * t_scan_allocating, "alloc_ms": 1e3 * t_allocate,
         "fb_autograd_ms": 1e3 * t_aaren_fb_autograd,
         "x_hillis_fwd": ratio(t_hs, t_scan_allocating), "x_hillis_fb": ratio(t_hs_fb, t_aaren_fb_autograd),
@@ -250,7 +263,8 @@ def main():
     print(f"aaren {info['version']} CPU benchmark: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"ISA {info['cpu_isa_selected']}; medians of {repeats} rounds (kernels) / {baseline_repeats} runs (baselines)")
     print("fwd/bwd: kernels into reused buffers, taking turns call by call with the copy (and with the")
-    print("unsplit kernels) in each round; 'scan() ms' allocates its output (alloc+touch shown apart);")
+    print("unsplit kernels) in each round; ratios are medians of the ratios within a round;")
+    print("'scan() ms' allocates its output (alloc+touch shown apart);")
     print("the allocating call, alloc+touch and the baselines are each timed on their own, one after another;")
     print("speedups compare aaren.scan through autograd with the baselines through autograd.\n")
     rows = []
