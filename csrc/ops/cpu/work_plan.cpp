@@ -73,9 +73,10 @@ Plan plan_work(int64_t batch, int64_t length, int64_t heads, int64_t head_dim) {
 // written once and not read back by them, so past a size they stream: measured on the CI
 // machine (one thread, each variant in blocks of calls so that neither evicts the other's
 // lines), forwards ran 3-13% faster and backwards up to 27% faster from 1 MiB of outputs up
-// (float32 and bfloat16; one backward of two heads within noise). Below that the outputs would stay in cache for whoever reads them next:
-// after a 128 KiB bfloat16 forward, a projection reading its out ran 14% slower when it had
-// streamed; after 1 MiB or more it ran as fast.
+// (float32 and bfloat16; one backward of two heads within noise). Below that the outputs
+// would stay in cache for whoever reads them next: after a 128 KiB bfloat16 forward, a
+// projection reading its out ran 14% slower when it had streamed; after 1 MiB or more it ran
+// as fast.
 // Only a whole, aligned vector streams (a partial line would leave its write-combining buffer
 // half filled); the rest takes a plain store. A task that streamed fences (stream_fence in
 // vec_io.h) before it ends, so the stores are visible to whoever reads the outputs next.
