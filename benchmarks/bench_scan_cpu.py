@@ -51,6 +51,9 @@ GRID = [
     (1, 262144, 1, 64),
 ]
 BASELINE_MAX_LENGTH = 16384
+# Settings of the kernels a user may have exported, named in the header when set
+# (AAREN_CPU_SEQUENCE_CHUNKS is not one: the benchmark sets it itself, per column).
+SETTINGS = ["AAREN_CPU_STREAMING_STORES"]
 HEADLINE = (4, 4096, 8, 64)
 
 
@@ -262,9 +265,13 @@ def main():
     info = aaren.build_info()
     print(f"aaren {info['version']} CPU benchmark: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"ISA {info['cpu_isa_selected']}; medians of {repeats} rounds (kernels) / {baseline_repeats} runs (baselines)")
+    settings = [f"{name}={os.environ[name]!r}" for name in SETTINGS if name in os.environ]
+    if settings:
+        print("set in the environment (not the defaults): " + ", ".join(settings))
     print("fwd/bwd: kernels into reused buffers, taking turns call by call with the copy (and with the")
-    print("unsplit kernels) in each round; ratios are medians of the ratios within a round;")
-    print("'scan() ms' allocates its output (alloc+touch shown apart);")
+    print("unsplit kernels) in each round; a ratio is the median over rounds of that ratio within a round;")
+    print("'scan() ms' allocates its output (alloc+touch shown apart); the copy is Tensor.copy_, while")
+    print("the kernels write outputs of 1 MiB per thread or more with streaming stores;")
     print("the allocating call, alloc+touch and the baselines are each timed on their own, one after another;")
     print("speedups compare aaren.scan through autograd with the baselines through autograd.\n")
     rows = []

@@ -91,7 +91,8 @@ bool use_streaming_stores(int64_t output_bytes) {
   if (text != nullptr && *text != '\0') {
     const std::string value(text);
     TORCH_CHECK(value == "0" || value == "1",
-                "AAREN_CPU_STREAMING_STORES must be 0 or 1 (or unset), got '", value, "'");
+                "AAREN_CPU_STREAMING_STORES must be 0 or 1 (or unset or empty), got '", value,
+                "'");
     return value == "1";
   }
   return output_bytes >= kStreamingBytesPerThread * at::get_num_threads();
