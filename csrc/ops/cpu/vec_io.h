@@ -19,26 +19,29 @@ namespace aaren::ops::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// The widest streaming store of this instruction set: one vector register, written to an
+// address aligned to its size. The DEFAULT build has none.
+#if defined(CPU_CAPABILITY_AVX512)
+#define AAREN_STREAMING_STORES 1
+using StreamWord = __m512i;
+inline void stream_word(StreamWord* dst, StreamWord word) { _mm512_stream_si512(dst, word); }
+#elif defined(CPU_CAPABILITY_AVX2)
+#define AAREN_STREAMING_STORES 1
+using StreamWord = __m256i;
+inline void stream_word(StreamWord* dst, StreamWord word) { _mm256_stream_si256(dst, word); }
+#endif
+
 // Streams the vector's bits to dst when this instruction set can and dst is aligned to them
 // (work_plan.cpp, "Streaming stores": only whole, aligned vectors stream); false: the caller
 // stores them plainly.
 template <typename Bits, typename T>
 bool stream_bits(T* dst, const Bits& bits) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (sizeof(Bits) == 64) {
-    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
-      __m512i word;
-      std::memcpy(&word, &bits, 64);
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), word);
-      return true;
-    }
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (sizeof(Bits) == 32) {
-    if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
-      __m256i word;
-      std::memcpy(&word, &bits, 32);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), word);
+#ifdef AAREN_STREAMING_STORES
+  if constexpr (sizeof(Bits) == sizeof(StreamWord)) {
+    if (reinterpret_cast<uintptr_t>(dst) % sizeof(StreamWord) == 0) {
+      StreamWord word;
+      std::memcpy(&word, &bits, sizeof(StreamWord));
+      stream_word(reinterpret_cast<StreamWord*>(dst), word);
       return true;
     }
   }
@@ -52,7 +55,7 @@ bool stream_vector(T* dst, const Vectorized<T>& v) {
 }
 
 inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#ifdef AAREN_STREAMING_STORES
   _mm_sfence();
 #endif
 }
