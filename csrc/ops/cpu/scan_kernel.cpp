@@ -7,7 +7,8 @@
 // every thread busy, over chunks of each sequence: work_plan.h, "The split of the work") with
 // at::parallel_for; each is one streaming pass over its tokens, vectorized over D, with the
 // running output kept in an accumulator of the accumulation type (float32 for half types).
-// Rows are loaded and stored through vec_io.h, large outputs by streaming stores.
+// The forward's walk over its tokens is forward_lanes.h's. Rows are loaded and stored
+// through vec_io.h, large outputs by streaming stores.
 #include "ops/cpu/scan_kernel.h"
 
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "aaren/combine.h"
+#include "ops/cpu/forward_lanes.h"
 #include "ops/cpu/vec_io.h"
 #include "ops/cpu/work_plan.h"
 
@@ -86,196 +88,7 @@ void step_in_float64(const ForwardArgs& args) {
 }
 
 // ---- Forward --------------------------------------------------------------------------
-
-// Tokens' lse computed together when a task has too few lanes to fill a float64 vector.
-constexpr int64_t kPendingLogs = 32;
-
-// A task's lanes in the forward: where each starts (its first token), how many tokens it
-// has, and its online softmax (combine.h): running max m, denominator u, numerator row w.
-template <typename scalar_t>
-struct ForwardScratch {
-  using acc_t = typename VecIO<scalar_t>::acc_t;
-  std::vector<const scalar_t*> score, value;
-  std::vector<scalar_t*> out;
-  std::vector<double*> lse;
-  std::vector<int64_t> length;
-  std::vector<acc_t> running_max, denominator, numerator;
-  // A token's (m, u) per lane, in float64, turned into lse = m + log u with one vectorized
-  // float64 log over the lanes (a scalar one per lane cost as much as the rest of the forward).
-  std::vector<double> token_max, token_sum, token_lse;
-  // With a lane or two, the (m, u) of several tokens wait here with where their lse goes, for
-  // one vector log over all of them: a vector log per token for one lane (a long single
-  // sequence) was a quarter of the forward's time (perf, bfloat16), and batching them cut
-  // it by a quarter (alternated in one process). With 4 lanes it measured no faster.
-  std::vector<double> pending_max, pending_sum;
-  std::vector<double*> pending_lse;
-  int64_t pending = 0;
-  int64_t row_width;
-
-  ForwardScratch(int64_t lanes, int64_t row_width_)
-      : score(lanes), value(lanes), out(lanes), lse(lanes), length(lanes), running_max(lanes),
-        denominator(lanes), numerator(lanes * row_width_), token_max(lanes), token_sum(lanes),
-        token_lse(lanes), pending_max(pending_capacity(lanes)),
-        pending_sum(pending_capacity(lanes)), pending_lse(pending_capacity(lanes)),
-        row_width(row_width_) {}
-
-  static int64_t pending_capacity(int64_t lanes) {
-    return std::max<int64_t>(kPendingLogs, lanes);
-  }
-
-  // lse = m + log u (combine.h, lse_of_wide: u = 0 gives log 0 = -inf with m = -inf) for
-  // every pending token, written where it goes.
-  void flush_logs() {
-    using DoubleVec = Vectorized<double>;
-    alignas(64) double lse_values[DoubleVec::size()];
-    for (int64_t i = 0; i < pending; i += DoubleVec::size()) {
-      const int64_t count = std::min<int64_t>(DoubleVec::size(), pending - i);
-      const DoubleVec m = DoubleVec::loadu(pending_max.data() + i, count);
-      const DoubleVec u = DoubleVec::loadu(pending_sum.data() + i, count);
-      (m + u.log()).store(lse_values, count);
-      for (int64_t k = 0; k < count; ++k) {
-        *pending_lse[i + k] = lse_values[k];
-      }
-    }
-    pending = 0;
-  }
-
-  // Lane j starts from the state (L0, o0) (null: the empty state), entering as (m, u, u o0)
-  // with (m, u) = max_sum_of(L0) (combine.h).
-  void enter(int64_t j, int64_t head_dim, const double* state_lse, const double* state_out) {
-    running_max[j] = negative_infinity<acc_t>();
-    denominator[j] = 0;
-    acc_t* w_row = numerator.data() + j * row_width;
-    std::fill(w_row, w_row + row_width, acc_t(0));
-    if (state_lse == nullptr) {
-      return;
-    }
-    const MaxSum<acc_t> entering = max_sum_of<acc_t>(*state_lse);
-    running_max[j] = entering.max;
-    denominator[j] = entering.sum;
-    if (entering.sum != acc_t(0)) {
-      for (int64_t d = 0; d < head_dim; ++d) {
-        w_row[d] = static_cast<acc_t>(entering.sum * state_out[d]);
-      }
-    }
-  }
-
-  // Lane j's (L, o) after its last token, unrounded: m + log u and w / u in float64.
-  double leave(int64_t j, int64_t head_dim, double* out_row) const {
-    const double inverse = reciprocal_or_zero(static_cast<double>(denominator[j]));
-    const acc_t* w_row = numerator.data() + j * row_width;
-    for (int64_t d = 0; d < head_dim; ++d) {
-      out_row[d] = static_cast<double>(w_row[d]) * inverse;
-    }
-    return lse_of_wide(running_max[j], denominator[j]);
-  }
-};
-
-// Per-token strides of the forward's tensors, in elements.
-struct ForwardSteps {
-  int64_t score, value, out, lse;
-};
-
-// The online softmax over the lanes' tokens, from the (m, u, w) in the scratch. kOutputs:
-// writes out and lse at every token; otherwise only the final (m, u, w) matter (phase 1).
-// lanes_adjacent: the lanes' lse entries are consecutive (a run of heads of one token).
-// streaming: out and lse go out by streaming stores (use_streaming_stores).
-template <typename scalar_t, bool kOutputs>
-void forward_lanes(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t head_dim,
-                   const ForwardSteps& steps, bool lanes_adjacent, bool streaming) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using AccVec = typename IO::AccVec;
-  using DoubleVec = Vectorized<double>;
-  constexpr int64_t acc_width = AccVec::size();
-  const int64_t longest = *std::max_element(t.length.begin(), t.length.begin() + lanes);
-  // A token's logs fill at most a quarter of a vector: they wait for others' (flush_logs).
-  const bool batch_logs = 4 * lanes <= DoubleVec::size();
-
-  for (int64_t n = 0; n < longest; ++n) {
-    for (int64_t j = 0; j < lanes; ++j) {
-      if (n >= t.length[j]) {  // a shorter lane (the last chunk): a harmless (m, u) for the log
-        t.token_max[j] = 0;
-        t.token_sum[j] = 1;
-        continue;
-      }
-      const auto w = add_score(t.running_max[j], static_cast<acc_t>(t.score[j][n * steps.score]));
-      t.denominator[j] = w.weight_old * t.denominator[j] + w.weight_new;
-      const AccVec weight_old(w.weight_old);
-      const AccVec weight_new(w.weight_new);
-      const scalar_t* v_row = t.value[j] + n * steps.value;
-      acc_t* w_row = t.numerator.data() + j * t.row_width;
-      if constexpr (kOutputs) {
-        t.token_max[j] = t.running_max[j];
-        t.token_sum[j] = t.denominator[j];
-        const AccVec inverse(reciprocal_or_zero(t.denominator[j]));
-        scalar_t* o_row = t.out[j] + n * steps.out;
-        for (int64_t d = 0; d < head_dim; d += IO::width) {
-          const int64_t count = std::min(IO::width, head_dim - d);
-          AccVec v[IO::parts];
-          AccVec o[IO::parts];
-          IO::load(v_row + d, count, v);
-          for (int p = 0; p < IO::parts; ++p) {
-            acc_t* w_ptr = w_row + d + p * acc_width;
-            const AccVec updated = at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]);
-            updated.store(w_ptr);
-            o[p] = updated * inverse;
-          }
-          IO::store(o_row + d, count, o, streaming);
-        }
-      } else {
-        for (int64_t d = 0; d < head_dim; d += IO::width) {
-          const int64_t count = std::min(IO::width, head_dim - d);
-          AccVec v[IO::parts];
-          IO::load(v_row + d, count, v);
-          for (int p = 0; p < IO::parts; ++p) {
-            acc_t* w_ptr = w_row + d + p * acc_width;
-            at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]).store(w_ptr);
-          }
-        }
-      }
-    }
-    if (kOutputs && batch_logs) {
-      if (t.pending + lanes > static_cast<int64_t>(t.pending_max.size())) {
-        t.flush_logs();
-      }
-      for (int64_t j = 0; j < lanes; ++j) {
-        if (n < t.length[j]) {
-          t.pending_max[t.pending] = t.token_max[j];
-          t.pending_sum[t.pending] = t.token_sum[j];
-          t.pending_lse[t.pending] = t.lse[j] + n * steps.lse;
-          ++t.pending;
-        }
-      }
-    } else if constexpr (kOutputs) {
-      // lse = m + log u (combine.h, lse_of_wide): u = 0 gives log 0 = -inf with m = -inf.
-      double* lse_out = lanes_adjacent ? t.lse[0] + n * steps.lse : t.token_lse.data();
-      for (int64_t j = 0; j < lanes; j += DoubleVec::size()) {
-        const int64_t count = std::min<int64_t>(DoubleVec::size(), lanes - j);
-        const DoubleVec m = DoubleVec::loadu(t.token_max.data() + j, count);
-        const DoubleVec u = DoubleVec::loadu(t.token_sum.data() + j, count);
-        const DoubleVec token_lse = m + u.log();
-        if (!(streaming && lanes_adjacent && count == DoubleVec::size() &&
-              stream_vector(lse_out + j, token_lse))) {
-          token_lse.store(lse_out + j, count);
-        }
-      }
-      if (!lanes_adjacent) {
-        for (int64_t j = 0; j < lanes; ++j) {
-          if (n < t.length[j]) {
-            t.lse[j][n * steps.lse] = t.token_lse[j];
-          }
-        }
-      }
-    }
-  }
-  if constexpr (kOutputs) {
-    t.flush_logs();
-  }
-  if (streaming) {
-    stream_fence();
-  }
-}
+// The walk over a task's lanes is forward_lanes.h's.
 
 template <typename scalar_t>
 void forward_typed(const ForwardArgs& args) {

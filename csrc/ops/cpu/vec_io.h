@@ -60,6 +60,38 @@ inline void stream_fence() {
 #endif
 }
 
+// A vector of the accumulation type as float64 vectors, in registers: filled lane by lane
+// through memory, the float64 vector's load waits for the scalar stores to reach the cache
+// (no store forwarding). Returns how many float64 vectors hold it.
+inline int widen(const Vectorized<double>& x, Vectorized<double>* parts) {
+  parts[0] = x;
+  return 1;
+}
+
+inline int widen(const Vectorized<float>& x, Vectorized<double>* parts) {
+  static_assert(Vectorized<float>::size() == 2 * Vectorized<double>::size());
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 bits = x;
+  parts[0] = _mm512_cvtps_pd(_mm512_castps512_ps256(bits));
+  parts[1] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(bits), 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 bits = x;
+  parts[0] = _mm256_cvtps_pd(_mm256_castps256_ps128(bits));
+  parts[1] = _mm256_cvtps_pd(_mm256_extractf128_ps(bits, 1));
+#else  // the DEFAULT build's vectors are arrays already
+  constexpr int64_t half = Vectorized<double>::size();
+  float lanes[Vectorized<float>::size()];
+  double wide[Vectorized<float>::size()];
+  x.store(lanes);
+  for (int64_t k = 0; k < Vectorized<float>::size(); ++k) {
+    wide[k] = lanes[k];
+  }
+  parts[0] = Vectorized<double>::loadu(wide);
+  parts[1] = Vectorized<double>::loadu(wide + half);
+#endif
+  return 2;
+}
+
 // Loads and stores a run of up to `width` elements of scalar_t as vectors of the
 // accumulation type. Half types widen one vector into two float vectors.
 template <typename scalar_t, typename = void>
