@@ -21,6 +21,9 @@ of the ratios within a round, so that both sides of it share the machine's load)
     scaled_dot_product_attention(is_causal=True) with the same query at every position,
     forward and forward+backward (through autograd, allocating, as users run them); not
     measured past N = 16384, where causal attention's N^2 work takes hours ("-").
+The benchmark sets AAREN_CPU_SEQUENCE_CHUNKS itself for every figure (0, the kernels' choice;
+1 for the whole columns), whatever the environment says; AAREN_CPU_STREAMING_STORES, when
+exported, applies and is named in the header.
 
     python benchmarks/bench_scan_cpu.py            # the grid, a few minutes
     python benchmarks/bench_scan_cpu.py --quick    # the headline shape only
@@ -108,6 +111,9 @@ def sequence_chunks(count):
             os.environ["AAREN_CPU_SEQUENCE_CHUNKS"] = saved
 
 
+# Every timing in a row, the allocating call and the baselines included, under the kernels'
+# own choice of chunks (the unsplit columns set 1 inside it), whatever the user exported.
+@sequence_chunks(0)
 def measure(B, N, H, D, dtype, repeats, baseline_repeats):
     torch.manual_seed(0)
     scores = torch.randn(B, N, H, dtype=dtype)
@@ -132,10 +138,9 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
                 fn()
         return run
 
-    with sequence_chunks(0):
-        rounds = interleaved_times({"copy": lambda: copy_target.copy_(values), "forward": forward,
-                                    "backward": backward, "forward_whole": whole(forward),
-                                    "backward_whole": whole(backward)}, repeats)
+    rounds = interleaved_times({"copy": lambda: copy_target.copy_(values), "forward": forward,
+                                "backward": backward, "forward_whole": whole(forward),
+                                "backward_whole": whole(backward)}, repeats)
     t = {name: statistics.median(times) for name, times in rounds.items()}
     t_copy, t_forward, t_backward = t["copy"], t["forward"], t["backward"]
     t_scan_allocating = median_seconds(lambda: aaren.scan(scores, values), repeats)

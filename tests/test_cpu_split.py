@@ -162,5 +162,17 @@ def test_automatic_split_of_one_long_sequence(monkeypatch, dtype):
 def test_bad_chunk_count_raises(chunks, text):
     scores, values, _ = mixed_problem(1, 8, 1, torch.float32, "cpu", False)
     chunks(text)
-    with pytest.raises(RuntimeError, match=CHUNKS_VARIABLE):
+    with pytest.raises(RuntimeError, match=CHUNKS_VARIABLE + r" must be a non-negative integer "
+                       r"\(or unset or empty\), got '" + text):
         aaren.scan(scores, values)
+
+
+def test_empty_chunk_count_lets_the_kernels_choose(chunks):
+    """Empty, as unset and 0: the kernels' own choice (the README), the same bits."""
+    scores, values, _ = mixed_problem(1, 600, 2, torch.float32, "cpu", False)
+    chunks("0")
+    chosen = scan_outputs(scores, values, None)
+    chunks("")
+    empty = scan_outputs(scores, values, None)
+    for got, want in zip(empty, chosen):
+        assert torch.equal(got, want)

@@ -33,7 +33,8 @@ int64_t forced_chunks() {
   char* end = nullptr;
   const long long value = std::strtoll(text, &end, 10);
   TORCH_CHECK(*end == '\0' && value >= 0,
-              "AAREN_CPU_SEQUENCE_CHUNKS must be a non-negative integer, got '", text, "'");
+              "AAREN_CPU_SEQUENCE_CHUNKS must be a non-negative integer (or unset or empty), got '",
+              text, "'");
   return static_cast<int64_t>(value);
 }
 
