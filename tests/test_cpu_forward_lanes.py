@@ -9,15 +9,11 @@ two threads four tasks of 4, four threads eight of 2, eight threads sixteen of 1
 lane, in every build: the widest float vector has 16 lanes, the float64 one 8). The tests
 run the build this CPU selects, and again, in a fresh process, the lower builds it can run.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-import aaren
-
+import aaren  # noqa: F401  (registers torch.ops.aaren)
+from lower_isa import CAPABILITIES, rerun_on
 from naive import naive_scan, reference_scan
 from test_scan import ALL_DTYPES, dtype_id, mixed_problem
 from tolerance import assert_close_to_reference
@@ -82,18 +78,8 @@ def test_same_bits_on_any_thread_count(dtype, shape, with_state):
     assert torch.equal(out[0, N // 2, 7], values[0, N // 2, 7])
 
 
-@pytest.mark.parametrize("capability", ["avx2", "default"])
+@pytest.mark.parametrize("capability", CAPABILITIES)
 def test_lower_instruction_sets_give_the_same_bits(capability):
     """This file's other tests on the AVX2 build (8 floats to a vector) and the DEFAULT one,
     in a fresh process with ATEN_CPU_CAPABILITY lowered: aaren lowers its choice alike."""
-    native = torch.backends.cpu.get_cpu_capability()
-    if capability.upper() not in aaren.build_info()["cpu_isas_compiled"].split(","):
-        pytest.skip(f"no {capability.upper()} build on this platform")
-    if capability == "avx2" and not native.startswith(("AVX2", "AVX512")):
-        pytest.skip(f"this CPU runs {native}, below AVX2")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not lower_instruction_sets"],
-        env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    rerun_on(capability, __file__, "lower_instruction_sets")

@@ -8,15 +8,11 @@ Where the instruction set has no streaming store (the DEFAULT build) both runs t
 stores and agree trivially; on the AVX2 and AVX512 builds they differ. The tests run the
 build this CPU selects, and again, in a fresh process, the lower builds it can run.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-import aaren
-
+import aaren  # noqa: F401  (registers torch.ops.aaren)
+from lower_isa import CAPABILITIES, rerun_on
 from test_scan import ALL_DTYPES, dtype_id, mixed_problem
 
 STREAMING_VARIABLE = "AAREN_CPU_STREAMING_STORES"
@@ -110,22 +106,8 @@ def test_an_empty_streaming_setting_chooses(monkeypatch):
         assert torch.equal(bits(a), bits(b))
 
 
-@pytest.mark.parametrize("capability", ["avx2", "default"])
+@pytest.mark.parametrize("capability", CAPABILITIES)
 def test_lower_instruction_sets_stream_the_same_bits(capability):
     """This file's other tests on the AVX2 build (32-byte streaming stores) and the DEFAULT one
     (none), in a fresh process with ATEN_CPU_CAPABILITY lowered: aaren lowers its choice alike."""
-    native = torch.backends.cpu.get_cpu_capability()
-    if capability.upper() not in aaren.build_info()["cpu_isas_compiled"].split(","):
-        pytest.skip(f"no {capability.upper()} build on this platform")
-    if capability == "avx2" and not native.startswith(("AVX2", "AVX512")):
-        pytest.skip(f"this CPU runs {native}, below AVX2")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    selected = subprocess.run(
-        [sys.executable, "-c", "import aaren; print(aaren.build_info()['cpu_isa_selected'])"],
-        env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert selected == capability.upper()
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not lower_instruction_sets"],
-        env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    rerun_on(capability, __file__, "lower_instruction_sets")
