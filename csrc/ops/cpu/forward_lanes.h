@@ -90,6 +90,16 @@ struct ForwardScratch {
     pending = 0;
   }
 
+  // Token n's lse, computed into token_lse, to each lane that has a token n (lanes whose lse
+  // entries are not adjacent: chunks of a split sequence); lse_step: elements per token.
+  void scatter_token_lse(int64_t lanes, int64_t n, int64_t lse_step) {
+    for (int64_t j = 0; j < lanes; ++j) {
+      if (n < length[j]) {
+        lse[j][n * lse_step] = token_lse[j];
+      }
+    }
+  }
+
   // Lane j starts from the state (L0, o0) (null: the empty state), entering as (m, u, u o0)
   // with (m, u) = max_sum_of(L0) (combine.h).
   void enter(int64_t j, int64_t head_dim, const double* state_lse, const double* state_out) {
@@ -220,11 +230,7 @@ void take_scores(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t n, double* 
         if (part_count <= 0) {
           break;
         }
-        const DoubleVec token_lse = max_parts[p] + sum_parts[p].log();
-        if (!(streaming && part_count == DoubleVec::size() &&
-              stream_vector(lse_out + first, token_lse))) {
-          token_lse.store(lse_out + first, part_count);
-        }
+        store_vector(lse_out + first, max_parts[p] + sum_parts[p].log(), part_count, streaming);
       }
     }
   }
@@ -360,18 +366,10 @@ void forward_lanes_per_lane(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t 
           const int64_t count = std::min<int64_t>(DoubleVec::size(), lanes - j);
           const DoubleVec m = DoubleVec::loadu(t.token_max.data() + j, count);
           const DoubleVec u = DoubleVec::loadu(t.token_sum.data() + j, count);
-          const DoubleVec token_lse = m + u.log();
-          if (!(streaming && lanes_adjacent && count == DoubleVec::size() &&
-                stream_vector(lse_out + j, token_lse))) {
-            token_lse.store(lse_out + j, count);
-          }
+          store_vector(lse_out + j, m + u.log(), count, streaming && lanes_adjacent);
         }
         if (!lanes_adjacent) {
-          for (int64_t j = 0; j < lanes; ++j) {
-            if (n < t.length[j]) {
-              t.lse[j][n * steps.lse] = t.token_lse[j];
-            }
-          }
+          t.scatter_token_lse(lanes, n, steps.lse);
         }
       }
     }
@@ -405,11 +403,7 @@ void forward_lanes_by_vectors(ForwardScratch<scalar_t>& t, int64_t lanes, int64_
       }
     }
     if (kOutputs && !lanes_adjacent) {
-      for (int64_t j = 0; j < lanes; ++j) {
-        if (n < t.length[j]) {
-          t.lse[j][n * steps.lse] = t.token_lse[j];
-        }
-      }
+      t.scatter_token_lse(lanes, n, steps.lse);
     }
   }
   if (streaming) {

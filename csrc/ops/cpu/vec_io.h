@@ -54,6 +54,19 @@ bool stream_vector(T* dst, const Vectorized<T>& v) {
   return stream_bits(dst, v);
 }
 
+// The first `count` elements of v to dst: a whole vector by a streaming store when asked and
+// possible (stream_bits), otherwise, and for a partial one, by a plain store.
+template <typename T>
+void store_vector(T* dst, const Vectorized<T>& v, int64_t count, bool streaming) {
+  if (count == Vectorized<T>::size()) {
+    if (!(streaming && stream_vector(dst, v))) {
+      v.store(dst);
+    }
+  } else {
+    v.store(dst, count);
+  }
+}
+
 inline void stream_fence() {
 #ifdef AAREN_STREAMING_STORES
   _mm_sfence();
@@ -105,13 +118,7 @@ struct VecIO {
     dst[0] = count == width ? AccVec::loadu(src) : AccVec::loadu(src, count);
   }
   static void store(scalar_t* dst, int64_t count, const AccVec* src, bool streaming) {
-    if (count == width) {
-      if (!(streaming && stream_vector(dst, src[0]))) {
-        src[0].store(dst);
-      }
-    } else {
-      src[0].store(dst, count);
-    }
+    store_vector(dst, src[0], count, streaming);
   }
 };
 
@@ -147,14 +154,7 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
       }
     }
 #endif
-    const Vec v = at::vec::convert_from_float<scalar_t>(src[0], src[1]);
-    if (count == width) {
-      if (!(streaming && stream_vector(dst, v))) {
-        v.store(dst);
-      }
-    } else {
-      v.store(dst, count);
-    }
+    store_vector(dst, at::vec::convert_from_float<scalar_t>(src[0], src[1]), count, streaming);
   }
 };
 
