@@ -43,15 +43,29 @@ AAREN_HOST_DEVICE T exp_of_difference(T x, T y) {
 // The difference, exact in float64, is split into hi (rounded to T) and lo (the rest, below
 // an ulp of hi): e^(x - y) = e^hi (1 + lo). Rounding it to T instead would be a relative
 // error of |x - y| ulps in the result (16 float32 eps at the backward's gap of 32).
+// split_difference_wide gives (hi, lo); for x = -inf it gives (-inf, 0), so that
+// e^hi (1 + lo) = 0 without forming -inf - (-inf). Kernels that take several exps as one
+// vector (the CPU backward, backward_lanes.h) split here and finish as exp_of_difference_wide.
 template <typename T>
-AAREN_HOST_DEVICE T exp_of_difference_wide(double x, double y) {
+struct SplitDifference {
+  T hi;
+  T lo;
+};
+
+template <typename T>
+AAREN_HOST_DEVICE SplitDifference<T> split_difference_wide(double x, double y) {
   if (x == negative_infinity<double>()) {
-    return T(0);
+    return {negative_infinity<T>(), T(0)};
   }
   const double difference = x - y;
   const T hi = static_cast<T>(difference);
-  const T lo = static_cast<T>(difference - static_cast<double>(hi));
-  return std::exp(hi) * (T(1) + lo);
+  return {hi, static_cast<T>(difference - static_cast<double>(hi))};
+}
+
+template <typename T>
+AAREN_HOST_DEVICE T exp_of_difference_wide(double x, double y) {
+  const SplitDifference<T> split = split_difference_wide<T>(x, y);
+  return std::exp(split.hi) * (T(1) + split.lo);
 }
 
 // L = m + log u in float64, -inf when u = 0 (nothing seen).
@@ -86,8 +100,10 @@ AAREN_HOST_DEVICE MaxSum<T> max_sum_of(double lse) {
 // difference of two large sums (which lost ~sqrt(N) more than plain PyTorch). The CUDA
 // backward shifts values and outputs alike (an average of values shifted by o_0 is the
 // average shifted by o_0, so R is unchanged and ds_i = e^(s_i - L_i) ((v_i - o_0) . R_i -
-// rho'_i)), so that one rho serves both. o_0 is rounded to the values' dtype T as the
-// outputs o_j are, so o_j - o_0 is exactly 0 where every token is masked.
+// rho'_i)), so that one rho serves both. (The CPU backward shifts by each token's own out
+// instead, which also keeps ds from cancelling: scan_kernel.cpp, "Backward".) o_0 is
+// rounded to the values' dtype T as the outputs o_j are, so o_j - o_0 is exactly 0 where
+// every token is masked.
 template <typename T, typename acc_t>
 AAREN_HOST_DEVICE acc_t rounded_state_out(double out) {
   return static_cast<acc_t>(static_cast<T>(out));
