@@ -97,18 +97,21 @@ def median_seconds(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
+CHUNKS_VARIABLE = "AAREN_CPU_SEQUENCE_CHUNKS"
+
+
 @contextlib.contextmanager
 def sequence_chunks(count):
     """The CPU kernels' chunk count per sequence (0: their own choice), for the block."""
-    saved = os.environ.get("AAREN_CPU_SEQUENCE_CHUNKS")
-    os.environ["AAREN_CPU_SEQUENCE_CHUNKS"] = str(count)
+    saved = os.environ.get(CHUNKS_VARIABLE)
+    os.environ[CHUNKS_VARIABLE] = str(count)
     try:
         yield
     finally:
         if saved is None:
-            del os.environ["AAREN_CPU_SEQUENCE_CHUNKS"]
+            del os.environ[CHUNKS_VARIABLE]
         else:
-            os.environ["AAREN_CPU_SEQUENCE_CHUNKS"] = saved
+            os.environ[CHUNKS_VARIABLE] = saved
 
 
 # Every timing in a row, the allocating call and the baselines included, under the kernels'
@@ -269,10 +272,14 @@ def main():
         dtypes = args.dtypes
     info = aaren.build_info()
     print(f"aaren {info['version']} CPU benchmark: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"ISA {info['cpu_isa_selected']}; medians of {repeats} rounds (kernels) / {baseline_repeats} runs (baselines)")
+          f"ISA {info['cpu_isa_selected']}; medians of {repeats} round{'s' if repeats != 1 else ''} (kernels) / "
+          f"{baseline_repeats} run{'s' if baseline_repeats != 1 else ''} (baselines)")
     settings = [f"{name}={os.environ[name]!r}" for name in SETTINGS if name in os.environ]
     if settings:
         print("set in the environment (not the defaults): " + ", ".join(settings))
+    if os.environ.get(CHUNKS_VARIABLE):  # overridden per figure (sequence_chunks): say so
+        print(f"{CHUNKS_VARIABLE}={os.environ[CHUNKS_VARIABLE]!r} in the environment is not used: "
+              "this benchmark sets it itself (the kernels' choice, and 1 for the unsplit columns)")
     print("fwd/bwd: kernels into reused buffers, taking turns call by call with the copy (and with the")
     print("unsplit kernels) in each round; a ratio is the median over rounds of that ratio within a round;")
     print("'scan() ms' allocates its output (alloc+touch shown apart); the copy is Tensor.copy_, while")

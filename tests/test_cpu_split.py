@@ -7,6 +7,8 @@ The problems are test_scan's mixed ones: scores rising and falling by 100 (the b
 its reference inside chunks and across their boundaries, and the chunk summaries differ by
 e^100), masked tokens, a masked prefix longer than a chunk of one token, and a state.
 """
+import re
+
 import pytest
 import torch
 
@@ -158,12 +160,12 @@ def test_automatic_split_of_one_long_sequence(monkeypatch, dtype):
         assert error <= FACTOR * unsplit_error + EPS[dtype] * magnitude, (name, error, unsplit_error)
 
 
-@pytest.mark.parametrize("text", ["-1", "two", "3x"])
+@pytest.mark.parametrize("text", ["-1", "two", "3x", " 4", "+4"])
 def test_bad_chunk_count_raises(chunks, text):
     scores, values, _ = mixed_problem(1, 8, 1, torch.float32, "cpu", False)
     chunks(text)
     with pytest.raises(RuntimeError, match=CHUNKS_VARIABLE + r" must be a non-negative integer "
-                       r"\(or unset or empty\), got '" + text):
+                       r"\(or unset or empty\), got '" + re.escape(text)):
         aaren.scan(scores, values)
 
 

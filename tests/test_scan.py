@@ -644,8 +644,12 @@ def test_step_bad_input(device):
         aaren.step(s, v[:, 0])
     with pytest.raises(RuntimeError, match="aaren.step: value must have shape \\[B, H, D\\]"):
         aaren.step(s[:, 0], v)
-    with pytest.raises(RuntimeError, match="aaren.step: scores' head dimension has 2 where values has 3"):
+    with pytest.raises(RuntimeError, match="aaren.step: score's head dimension has 2 where value has 3"):
         aaren.step(s[:, 0, :2], v[:, 0])
+    with pytest.raises(RuntimeError, match="aaren.step: score's batch dimension has 1 where value has 2"):
+        aaren.step(s[:1, 0], v[:, 0])
+    with pytest.raises(TypeError, match="aaren.step: score and value must have the same dtype"):
+        aaren.step(s[:, 0].double(), v[:, 0].float())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

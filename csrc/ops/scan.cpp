@@ -200,6 +200,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_with(
               score.sym_sizes());
   TORCH_CHECK(value.dim() == 3, op, ": value must have shape [B, H, D], got shape ",
               value.sym_sizes());
+  // In the step's own names, before the scan's checks would name scores and values.
+  TORCH_CHECK_TYPE(score.scalar_type() == value.scalar_type(), op,
+                   ": score and value must have the same dtype, got ", score.scalar_type(),
+                   " and ", value.scalar_type());
+  check_dim_equal(op, "score's batch dimension", score.sym_size(0), "value", value.sym_size(0));
+  check_dim_equal(op, "score's head dimension", score.sym_size(1), "value", value.sym_size(1));
   // One token is a sequence of length 1: the scan checks and kernel serve as they are.
   // final_out is the new state's out: its own storage, never the returned output's, so
   // that editing the output in place cannot change the next step.

@@ -6,11 +6,11 @@
 // Each token costs every lane two exps, w = e^(r - L_n) and e = e^(s_n - r). One glibc expf
 // call each was a fifth of the bfloat16 backward at 16 heads, D = 32 (perf). They are taken
 // a block of tokens per lane at a time, as one vector each (prepare_block): their arguments
-// need only the saved lse and the reference r, whose lowering (combine.h, lower_reference)
-// depends on the lse alone. Every lane is prepared alike, whatever the task's other lanes,
-// with ATen's vector exp, which computes each element alike: a lane's bits do not depend on
-// the thread count (work_plan.cpp splits the lanes into tasks by it; README, "Performance on
-// the CPU"; tests/test_cpu_backward_lanes.py).
+// need only the saved lse, the scores and the reference r, whose lowering (combine.h,
+// lower_reference) depends on the lse alone. Every lane is prepared alike, whatever the
+// task's other lanes, with ATen's vector exp, which computes each element alike: a lane's bits
+// do not depend on the thread count (work_plan.cpp splits the lanes into tasks by it;
+// docs/design.md, "Performance on the CPU"; tests/test_cpu_backward_lanes.py).
 #pragma once
 
 #ifndef CPU_CAPABILITY

@@ -7,7 +7,7 @@
 // (forward_lanes_per_lane). Both take ATen's vector exp, which computes each element
 // alike, and the same arithmetic around it, so a lane's bits do not depend on which path
 // ran it. That matters: a task's lanes depend on the thread count (work_plan.cpp), and
-// results must not (README, "Performance on the CPU"; test_scan's thread tests).
+// results must not (docs/design.md, "Performance on the CPU"; test_cpu_forward_lanes.py).
 #pragma once
 
 #ifndef CPU_CAPABILITY

@@ -5,6 +5,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <string>
 
@@ -30,9 +31,10 @@ int64_t forced_chunks() {
   if (text == nullptr || *text == '\0') {
     return 0;
   }
+  // Digits only: strtoll alone would also take leading spaces and a sign.
   char* end = nullptr;
   const long long value = std::strtoll(text, &end, 10);
-  TORCH_CHECK(*end == '\0' && value >= 0,
+  TORCH_CHECK(std::isdigit(static_cast<unsigned char>(*text)) && *end == '\0' && value >= 0,
               "AAREN_CPU_SEQUENCE_CHUNKS must be a non-negative integer (or unset or empty), got '",
               text, "'");
   return static_cast<int64_t>(value);
