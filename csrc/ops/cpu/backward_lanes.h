@@ -131,20 +131,19 @@ void prepare_block(BackwardScratch<scalar_t>& t, int64_t slot, int64_t j, int64_
   for (int64_t k = 0; k < block; ++k) {
     one_reference &= reference - lse_block[k] <= static_cast<double>(rescale_gap<acc_t>());
   }
-  if (one_reference) {  // split_difference_wide's arithmetic, with r != -inf
+  if (one_reference) {
     for (int64_t k = 0; k < block; ++k) {
       factor[k] = acc_t(1);
-      const double difference = reference - lse_block[k];
-      weight_hi[k] = static_cast<acc_t>(difference);
-      weight_lo[k] = static_cast<acc_t>(difference - static_cast<double>(weight_hi[k]));
+      const SplitDifference<acc_t> weight = split_difference_wide<acc_t>(reference, lse_block[k]);
+      weight_hi[k] = weight.hi;
+      weight_lo[k] = weight.lo;
     }
     if constexpr (kOutputs) {
       for (int64_t k = 0; k < block; ++k) {
         // s - r in float64: r may be far from 0 while s - r is not.
-        const double difference = score_block[k] - reference;
-        score_hi[k] = static_cast<acc_t>(difference);
-        const acc_t lo = static_cast<acc_t>(difference - static_cast<double>(score_hi[k]));
-        score_lo[k] = score_block[k] == negative_infinity<double>() ? acc_t(0) : lo;
+        const SplitDifference<acc_t> score_weight = split_difference_wide<acc_t>(score_block[k], reference);
+        score_hi[k] = score_weight.hi;
+        score_lo[k] = score_weight.lo;
       }
     }
   } else {
