@@ -13,18 +13,9 @@ import torch
 
 import aaren  # noqa: F401  (registers torch.ops.aaren)
 from lower_isa import CAPABILITIES, rerun_on
-from test_cpu_forward_lanes import SHAPES, THREADS, bits, never_split  # noqa: F401 (fixture)
+from test_cpu_forward_lanes import SHAPES, THREADS, bits, never_split, on_threads  # noqa: F401 (fixture)
 from test_scan import ALL_DTYPES, NAMES, dtype_id, gradients, mixed_problem, naive_outputs, op_outputs, seeds
 from tolerance import assert_close_to_reference
-
-
-def gradients_on(threads, inputs, grad_out, grad_lse):
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        return gradients(op_outputs, inputs, grad_out, grad_lse)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["no state", "state"])
@@ -41,7 +32,8 @@ def test_same_gradient_bits_on_any_thread_count(dtype, shape, with_state):
     scores[0, N // 3, 8] = float("nan")
     grad_out, grad_lse = seeds(values, "out and lse", dtype)
     inputs = (scores, values, *(state or ()))
-    results = {threads: gradients_on(threads, inputs, grad_out, grad_lse) for threads in THREADS}
+    results = {threads: on_threads(threads, gradients, op_outputs, inputs, grad_out, grad_lse)
+               for threads in THREADS}
     for threads in THREADS[1:]:
         for name, one, many in zip(NAMES, results[1], results[threads]):
             assert torch.equal(bits(one), bits(many)), f"d/d {name}, {threads} threads"

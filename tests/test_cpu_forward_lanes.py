@@ -28,11 +28,12 @@ def bits(t):
     return t.contiguous().view(torch.uint8)
 
 
-def forward_on(threads, scores, values, state):
+def on_threads(threads, fn, *args):
+    """fn(*args) with torch's thread count set to `threads`, restored afterwards."""
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        return torch.ops.aaren.scan_forward(scores, values, *(state or (None, None)))
+        return fn(*args)
     finally:
         torch.set_num_threads(previous)
 
@@ -56,7 +57,8 @@ def test_same_bits_on_any_thread_count(dtype, shape, with_state):
     scores, values, state = mixed_problem(B, N, D, dtype, "cpu", with_state, H=H)
     scores[0, N // 2, 7] = float("inf")
     scores[0, N // 3, 8] = float("nan")
-    results = {threads: forward_on(threads, scores, values, state) for threads in THREADS}
+    results = {threads: on_threads(threads, torch.ops.aaren.scan_forward, scores, values,
+                                   *(state or (None, None))) for threads in THREADS}
     for threads in THREADS[1:]:
         for one, many in zip(results[1], results[threads]):
             assert torch.equal(bits(one), bits(many)), f"{threads} threads"
