@@ -14,7 +14,7 @@ import torch
 import aaren  # noqa: F401  (registers torch.ops.aaren)
 from lower_isa import CAPABILITIES, rerun_on
 from test_cpu_forward_lanes import SHAPES, THREADS, bits, never_split, on_threads  # noqa: F401 (fixture)
-from test_scan import ALL_DTYPES, NAMES, dtype_id, gradients, mixed_problem, naive_outputs, op_outputs, seeds
+from scan_problems import ALL_DTYPES, NAMES, dtype_id, gradients, mixed_problem, naive_outputs, op_outputs, seeds
 from tolerance import assert_close_to_reference
 
 

@@ -15,7 +15,7 @@ import torch
 import aaren  # noqa: F401  (registers torch.ops.aaren)
 from lower_isa import CAPABILITIES, rerun_on
 from naive import naive_scan, reference_scan
-from test_scan import ALL_DTYPES, dtype_id, mixed_problem
+from scan_problems import ALL_DTYPES, dtype_id, mixed_problem
 from tolerance import assert_close_to_reference
 
 THREADS = (1, 2, 4, 8)
@@ -40,8 +40,8 @@ def on_threads(threads, fn, *args):
 
 @pytest.fixture(autouse=True)
 def never_split(monkeypatch):
-    # A split sums in another order, so that split and whole differ in the last bits (the
-    # README); with one chunk per sequence only the lanes per task change with the threads.
+    # A split sums in another order, so that split and whole differ in the last bits
+    # (docs/performance.md); with one chunk per sequence only the lanes per task change with the threads.
     monkeypatch.setenv("AAREN_CPU_SEQUENCE_CHUNKS", "1")
 
 

@@ -14,9 +14,9 @@ import torch
 
 import aaren
 from naive import naive_scan, reference_scan
-from test_scan import (ALL_DTYPES, GRAD_MODES, NAMES, backward_rescales, check_gradients,
-                       dtype_id, finite_outputs, gradients, mixed_problem, naive_outputs,
-                       op_outputs, requiring_grad, seeds)
+from scan_problems import (ALL_DTYPES, GRAD_MODES, NAMES, backward_rescales, check_gradients,
+                           dtype_id, finite_outputs, gradients, mixed_problem, naive_outputs,
+                           op_outputs, requiring_grad, seeds)
 from tolerance import EPS, FACTOR, assert_close_to_reference, error_against
 
 CHUNKS_VARIABLE = "AAREN_CPU_SEQUENCE_CHUNKS"
@@ -170,7 +170,7 @@ def test_bad_chunk_count_raises(chunks, text):
 
 
 def test_empty_chunk_count_lets_the_kernels_choose(chunks):
-    """Empty, as unset and 0: the kernels' own choice (the README), the same bits."""
+    """Empty, as unset and 0: the kernels' own choice (docs/performance.md), the same bits."""
     scores, values, _ = mixed_problem(1, 600, 2, torch.float32, "cpu", False)
     chunks("0")
     chosen = scan_outputs(scores, values, None)

@@ -13,7 +13,7 @@ import torch
 
 import aaren  # noqa: F401  (registers torch.ops.aaren)
 from lower_isa import CAPABILITIES, rerun_on
-from test_scan import ALL_DTYPES, dtype_id, mixed_problem
+from scan_problems import ALL_DTYPES, dtype_id, mixed_problem
 
 STREAMING_VARIABLE = "AAREN_CPU_STREAMING_STORES"
 # D = 64 fills whole vectors; D = 40 ends every row in a partial one; H = 16 fills whole
