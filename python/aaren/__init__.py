@@ -6,7 +6,8 @@ TorchScript, C++, torch.compile and torch.export.
 """
 from ._library import build_info
 from .functional import State, empty_state, scan, step
-from .modules import Aaren, AarenEncoder, AarenEncoderLayer, convert
+from .modules import Aaren, AarenEncoder, AarenEncoderLayer
+from .conversion import convert
 
 __version__ = build_info()["version"]
 

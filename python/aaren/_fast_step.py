@@ -7,7 +7,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-State = Tuple[Tensor, Tensor]
+from .functional import State, _check_token
+
 _CACHE = "_step_cache"  # the attribute, in the module's __dict__ (not a buffer: no state dict)
 
 
@@ -75,7 +76,6 @@ def cached_step_projection(attention) -> Tuple[Tensor, Optional[Tensor]]:
 
 def compile_step(encoder, **compile_options) -> Callable[..., Tuple[Tensor, List[State]]]:
     """``AarenEncoder.compile_step`` (its docstring says what it gives)."""
-    from .modules import _check_token  # modules imports this file: imported at call time
     compile_options.setdefault("fullgraph", True)
 
     def graph(x: Tensor, states: List[State]) -> Tuple[Tensor, List[State]]:

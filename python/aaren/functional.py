@@ -32,6 +32,13 @@ def _check_state(state, op: str) -> None:
         raise TypeError(f"{op}: state must be a pair (lse [B, H], out [B, H, D]) or None, got {kind}")
 
 
+def _check_token(x: Tensor, embed_dim: Optional[int], where: str) -> None:
+    """One token per batch row: x must be [B, E] (E unchecked when embed_dim is None)."""
+    if x.dim() != 2 or (embed_dim is not None and x.size(-1) != embed_dim):
+        raise ValueError(f"{where}: expected x of shape [B, E] with E={embed_dim}, "
+                         f"got {list(x.shape)}")
+
+
 def empty_state(batch: int, heads: int, head_dim: int, dtype: torch.dtype,
                 device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
     """The state before any token: lse = -inf [B, H], out = 0 [B, H, D], both float64

@@ -6,16 +6,14 @@
 - `AarenEncoderLayer`, `AarenEncoder`: the `nn.TransformerEncoderLayer` /
   `nn.TransformerEncoder` stack with `Aaren` as self-attention, with `forward` (parallel),
   `prefill` and `step` (a list of per-layer states).
-- `convert(model)`: swaps every `nn.MultiheadAttention` used as self-attention in a model
-  for an `Aaren` that reuses its key, value and output projections.
+(`aaren.convert`, which swaps them into existing models, is in `conversion.py`.)
 
 See docs/modules.md for the design (initialization, parameter count, masks, dropout,
 differences from attention).
 """
 import copy
-import logging
 import math
-from typing import Callable, Iterable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +21,11 @@ from torch import Tensor, nn
 
 from .functional import scan as _scan
 from .functional import step as _step
-from .functional import _check_state
+from .functional import _check_state, _check_token
 from .functional import empty_state as _empty_state
 from . import _fast_step
 
-__all__ = ["Aaren", "AarenEncoderLayer", "AarenEncoder", "convert"]
-
-_log = logging.getLogger("aaren")
-
+__all__ = ["Aaren", "AarenEncoderLayer", "AarenEncoder"]
 
 def init_learned_query_(query: Tensor) -> Tensor:
     """Aaren's initialization of a learned query [H, head_dim], in place: N(0, 1/2) per entry
@@ -46,13 +41,6 @@ def drop_token_contributions(values: Tensor, p: float, training: bool) -> Tensor
         return values
     keep = F.dropout(torch.ones_like(values[..., :1]), p=p, training=True)
     return values * keep
-
-
-def _check_token(x: Tensor, embed_dim: Optional[int], where: str) -> None:
-    """One token per batch row: x must be [B, E] (E unchecked when embed_dim is None)."""
-    if x.dim() != 2 or (embed_dim is not None and x.size(-1) != embed_dim):
-        raise ValueError(f"{where}: expected x of shape [B, E] with E={embed_dim}, "
-                         f"got {list(x.shape)}")
 
 
 def _masked_at_or_below() -> float:
@@ -366,8 +354,9 @@ class Aaren(nn.Module):
         parallel = self.__dict__.get("_context_parallel")
         if parallel is None:
             return _scan(scores, values, state)
-        from .distributed import scan as _distributed_scan
-        return _distributed_scan(scores, values, state, group=parallel[0])
+        # Imported at first use: it loads torch.distributed, which `import aaren` need not.
+        from ._context_parallel import scan as _context_parallel_scan
+        return _context_parallel_scan(scores, values, state, group=parallel[0])
 
     @torch.jit.unused
     def _forward_nested(self, query: Tensor, key: Tensor, value: Tensor,
@@ -772,75 +761,3 @@ class AarenEncoder(nn.Module):
         if self.norm is not None:
             output = self.norm(output)
         return output, new_states
-
-
-def convert(model: nn.Module, names: Optional[Iterable[str]] = None) -> nn.Module:
-    """Replaces ``nn.MultiheadAttention`` self-attention in ``model`` by ``Aaren``, in place.
-
-    By default every ``nn.MultiheadAttention`` registered as ``self_attn`` (PyTorch's name
-    for self-attention in ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``,
-    hence inside ``nn.TransformerEncoder``/``Decoder``/``Transformer``) is replaced; cross-
-    attention (``multihead_attn`` of a decoder layer) and any other attention are left
-    alone, since Aaren can only attend over its own input. For custom models, ``names``
-    lists the qualified names of the modules to replace (each must be an
-    ``nn.MultiheadAttention`` used as self-attention).
-
-    Each ``Aaren`` has the embed_dim, num_heads, dropout, batch_first, dtype, device and
-    training mode of the module it replaces and copies its key, value and output projections
-    (``in_proj_weight[E:2E]``, ``[2E:3E]``, ``out_proj``), each with its source's
-    ``requires_grad`` (the new query trains unless the whole module was frozen; see
-    ``Aaren.from_multihead_attention``); the query projection is dropped and
-    the learned queries are freshly initialized, so a converted model needs training (it is
-    also causal now, which changes what a bidirectional encoder computes). Modules shared
-    between several places stay shared. ``nn.TransformerEncoder``s whose layers now hold an
-    ``Aaren`` get ``use_nested_tensor = False``.
-
-    Returns ``model`` (or the new ``Aaren`` if ``model`` itself is an
-    ``nn.MultiheadAttention``); the qualified names replaced are stored in its
-    ``aaren_converted`` attribute (a list of str) and logged to the "aaren" logger.
-    Raises ValueError for a module that cannot be converted (kdim/vdim != embed_dim,
-    add_bias_kv, add_zero_attn) and for ``names`` that are not ``nn.MultiheadAttention``.
-    """
-    if isinstance(model, nn.MultiheadAttention):
-        attn = Aaren.from_multihead_attention(model)
-        attn.aaren_converted = [""]
-        return attn
-    wanted = None if names is None else set(names)
-    targets: List[Tuple[nn.Module, str, str, nn.MultiheadAttention]] = []
-    for parent_name, parent in model.named_modules():
-        for child_name, child in parent._modules.items():  # every name, shared ones too
-            if child is None:
-                continue
-            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
-            if wanted is None:
-                if child_name == "self_attn" and isinstance(child, nn.MultiheadAttention):
-                    targets.append((parent, child_name, qualified, child))
-            elif qualified in wanted:
-                if not isinstance(child, nn.MultiheadAttention):
-                    raise ValueError(f"convert: {qualified} is a {type(child).__name__}, "
-                                     f"not nn.MultiheadAttention")
-                targets.append((parent, child_name, qualified, child))
-    if wanted is not None:
-        missing = wanted - {t[2] for t in targets}
-        if missing:
-            raise ValueError(f"convert: no modules named {sorted(missing)} in the model")
-    converted = {}  # id(MultiheadAttention) -> Aaren: shared modules stay shared
-    replaced: List[str] = []
-    for _, _, qualified, mha in targets:  # check every module before changing any
-        if id(mha) not in converted:
-            converted[id(mha)] = Aaren.from_multihead_attention(mha)
-    for parent, child_name, qualified, mha in targets:
-        setattr(parent, child_name, converted[id(mha)])
-        replaced.append(qualified)
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder) and any(
-                isinstance(getattr(layer, "self_attn", None), Aaren) for layer in module.layers):
-            module.use_nested_tensor = False
-    previous = getattr(model, "aaren_converted", None)
-    model.aaren_converted = (list(previous) if isinstance(previous, list) else []) + replaced
-    if replaced:
-        _log.info("aaren.convert replaced %d nn.MultiheadAttention: %s", len(replaced),
-                  ", ".join(replaced))
-    else:
-        _log.warning("aaren.convert found no nn.MultiheadAttention used as self-attention")
-    return model
