@@ -25,7 +25,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 BUILD_DIR = ROOT / os.environ.get("AAREN_BUILD_DIR", "build/cmake")  # an absolute path replaces ROOT
-OLDEST_TORCH = "2.11"  # keep in step with pyproject.toml's build requirement and README.md
+OLDEST_TORCH = "2.11"  # keep in step with pyproject.toml's build requirement and docs/development.md
 
 
 def torch_requirement() -> str:
