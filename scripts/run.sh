@@ -8,13 +8,16 @@
 #   scripts/run.sh test-oldest  the oldest supported torch ($OLDEST_TORCH_VERSION) in its own
 #                               venv (.venv-torch2.11) and build directory, a CPU-only build,
 #                               and the pytest suite
+#   scripts/run.sh edge         ExecuTorch: installs executorch (only what export uses), builds
+#                               build/edge/aaren_runner (no libtorch) and checks it on a demo
+#                               model (examples/edge_stream.py); newest torch only
 #   scripts/run.sh bench        runs the CPU benchmark (benchmarks/bench_scan_cpu.py)
 #   scripts/run.sh setup        only sets up and builds
 #   scripts/run.sh gpu [OUT]    on a CUDA machine: scripts/gpu_check.sh (build for its GPU,
 #                               GPU tests, compute-sanitizer, deploy tests, CUDA benchmark);
 #                               no network needed there, uses that machine's python3 and torch
 #   scripts/run.sh wheels       fills .whl/ with the wheels gpu_check.sh may need there
-# .ci/run runs `test`, then `test-oldest`.
+# .ci/run runs `test` (which includes `edge`'s install, build and check), then `test-oldest`.
 # Environment: PYTHON (interpreter for the venv, default python3), VENV (default .venv),
 # TORCH_VERSION (default the pinned newest, below), AAREN_BUILD_DIR (CMake build directory,
 # default build/cmake), MAX_JOBS (compile jobs, default 2), TORCH_CUDA_ARCH_LIST (default
@@ -39,6 +42,7 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 export AAREN_CUDA="${AAREN_CUDA:-AUTO}"
 AAREN_BUILD_TESTS="${AAREN_BUILD_TESTS:-1}"  # the C++ tests (GoogleTest): CTest runs them
+EXECUTORCH_VERSION="1.5.1"  # aaren.edge's (python/aaren/edge.py); tested with the newest torch
 
 # No pip cache: it would keep a second copy of the ~3 GB of torch and CUDA wheels, and a fresh
 # machine's disk (CI's included) may be small. (pip reads any value of this variable as "off".)
@@ -87,7 +91,7 @@ setup() {
   python -m pip install -q --upgrade pip
   # setuptools >= 77: pyproject.toml's license field (a fresh venv may have an older one).
   python -m pip install -q "torch==$TORCH_VERSION" numpy pytest hypothesis expecttest \
-    "pybind11>=2.12" ninja "cmake>=3.26" "setuptools>=77"
+    "pybind11>=2.12" ninja "cmake>=3.28" "setuptools>=77"
   # The paper-claims benchmark and example: real datasets shipped inside sktime, plots, progress.
   python -m pip install -q "sktime==1.2.0" "matplotlib==3.11.2" "tqdm==4.70.1"
   # aaren.hf and its tests (tests/test_hf.py): the pinned transformers (pyproject's [hf] extra).
@@ -100,9 +104,32 @@ setup() {
   python -m aaren
 }
 
+install_edge() {
+  # executorch without its declared dependencies (coremltools, scikit-learn, hydra-core, ...:
+  # other backends and its LLM tooling); export uses only these four besides torch. Pinned:
+  # the versions CI tests. (pip install aaren[edge] brings the whole set instead.)
+  log "installing executorch==$EXECUTORCH_VERSION (export's dependencies only) into $VENV"
+  python -m pip install -q --no-deps "executorch==$EXECUTORCH_VERSION" "torchao==0.18.0" \
+    "flatbuffers==25.12.19" "ruamel.yaml==0.19.1" "tabulate==0.10.0"
+}
+
+build_edge() {
+  # CMake from the venv: the executorch package's CMake targets need >= 3.28.
+  log "building build/edge/aaren_runner and the ExecuTorch kernels (no libtorch)"
+  local prefix
+  prefix="$(python -c 'import executorch; print(list(executorch.__path__)[0])')"
+  "$VENV/bin/cmake" -S csrc/edge -B build/edge -G Ninja -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+  "$VENV/bin/cmake" --build build/edge -j "$MAX_JOBS"
+}
+
+check_edge() {
+  log "edge demo (examples/edge_stream.py: the runner's outputs must equal Python's streaming)"
+  python examples/edge_stream.py
+}
+
 run_tests() {
   log "pytest"
-  python -m pytest -q
+  AAREN_REQUIRE_EDGE=1 python -m pytest -q
   log "C++ tests (CTest)"
   ctest --test-dir "$AAREN_BUILD_DIR" --output-on-failure
   log "demo (examples/train_and_stream.py: streaming must equal the parallel forward)"
@@ -124,7 +151,10 @@ timed() {  # timed NAME COMMAND...: runs it and reports its wall time
 
 newest() {
   setup
+  install_edge
+  build_edge
   run_tests
+  check_edge
 }
 
 oldest() {
@@ -142,8 +172,9 @@ oldest() {
 case "${1:-}" in
   setup) setup ;;
   demo) setup; log "demo"; python examples/train_and_stream.py ;;
+  edge) setup; install_edge; build_edge; check_edge ;;
   test) timed "test (torch $TORCH_VERSION)" newest ;;
   test-oldest) timed "test-oldest (torch $OLDEST_TORCH_VERSION)" oldest ;;
   bench) setup; log "CPU benchmark"; python benchmarks/bench_scan_cpu.py "${@:2}" ;;
-  *) echo "usage: scripts/run.sh {setup|demo|test|test-oldest|bench|gpu [OUT] [--dry-run|--cpu-plumbing]|wheels}" >&2; exit 2 ;;
+  *) echo "usage: scripts/run.sh {setup|demo|test|test-oldest|edge|bench|gpu [OUT] [--dry-run|--cpu-plumbing]|wheels}" >&2; exit 2 ;;
 esac

@@ -49,7 +49,7 @@ def never_split(monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_same_bits_on_any_thread_count(dtype, shape, with_state):
-    """Every kind of score (test_scan.mixed_scores: masked -inf tokens, rising and falling
+    """Every kind of score (scan_problems.mixed_scores: masked -inf tokens, rising and falling
     ramps that move the maximum, levels far apart), one head with +inf and one with a NaN,
     and a state or none: the outputs (out, lse, final out) are the same bytes on 1, 2, 4 and 8
     threads, and close to the float64 reference."""

@@ -3,7 +3,7 @@ CPU"): chunk summaries, their combine, and a scan of every chunk from its carry,
 backward. AAREN_CPU_SEQUENCE_CHUNKS forces a chunk count, so the split runs here on problems
 small enough for the float64 reference; every result is held to tolerance.py's rule.
 
-The problems are test_scan's mixed ones: scores rising and falling by 100 (the backward lowers
+The problems are scan_problems.py's mixed ones: scores rising and falling by 100 (the backward lowers
 its reference inside chunks and across their boundaries, and the chunk summaries differ by
 e^100), masked tokens, a masked prefix longer than a chunk of one token, and a state.
 """
@@ -76,7 +76,7 @@ def test_split_backward_within_plain_pytorch_error(chunks, dtype, with_state, co
 @pytest.mark.parametrize("with_state", [False, True])
 def test_split_backward_float64(chunks, with_state, count, mode):
     """float64 against autograd through the reference, to 1e-10 of the gradients' magnitude
-    (as test_scan's unsplit check), each output's gradient alone and together."""
+    (as test_scan_backward.py's unsplit check), each output's gradient alone and together."""
     scores, values, state = mixed_problem(2, N, 8, torch.float64, "cpu", with_state)
     grad_out, grad_lse = seeds(values, mode, torch.float64)
     inputs = (scores, values, *(state or ()))
