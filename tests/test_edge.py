@@ -36,6 +36,11 @@ except ImportError:
     HAVE_EXECUTORCH = False
 if not HAVE_EXECUTORCH and os.environ.get("AAREN_REQUIRE_EDGE") == "1":
     raise ImportError("AAREN_REQUIRE_EDGE=1 but executorch is not installed (scripts/run.sh edge)")
+try:
+    import transformers  # noqa: F401
+    HAVE_TRANSFORMERS = True
+except ImportError:
+    HAVE_TRANSFORMERS = False
 needs_executorch = pytest.mark.skipif(not HAVE_EXECUTORCH, reason="executorch is not installed")
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -131,6 +136,11 @@ def test_export_rejects_what_it_cannot_export(tmp_path):
         aaren.edge.export(small_encoder().double(), tmp_path / "m.pte")
     with pytest.raises(ValueError, match="max_prefill must be an int >= 1"):
         aaren.edge.export(small_encoder(), tmp_path / "m.pte", max_prefill=0)
+    if "transformers" in sys.modules or HAVE_TRANSFORMERS:
+        import transformers
+        plain = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2))
+        with pytest.raises(TypeError, match="converted by aaren.hf.convert"):
+            aaren.edge.export(plain, tmp_path / "m.pte")
     not_batch_first = aaren.AarenEncoder(aaren.AarenEncoderLayer(8, 2, 16), 1)
     with pytest.raises(ValueError, match="batch_first"):
         aaren.edge.export(not_batch_first, tmp_path / "m.pte")
@@ -237,7 +247,8 @@ def encoder_program(edge_build, tmp_path_factory):
 def test_export_reports_the_program(encoder_program):
     encoder, path, info = encoder_program
     assert info["path"] == str(path) and info["bytes"] == path.stat().st_size > 0
-    assert (info["embed_dim"], info["num_layers"], info["max_prefill"]) == (32, 2, 16)
+    assert (info["kind"], info["embed_dim"], info["num_layers"], info["max_prefill"]) == \
+        ("encoder", 32, 2, 16)
     # Per layer lse [1, 4] and out [1, 4, 8], float64: whatever the number of tokens.
     assert info["state_bytes"] == 2 * (4 * 8 + 4 * 8 * 8)
     assert "aaren::step.out" in info["operators"]["step"]
@@ -290,6 +301,72 @@ def test_runner_links_no_libtorch(edge_build):
         assert not re.match(r"lib(torch|c10)", pathlib.Path(name).name), name
     assert "libexecutorch.so" in loaded and "libaaren_edge_kernels.so" in loaded
     assert not readelf or "libaaren_edge_kernels.so" in needed
+
+
+def tiny_language_model(family):
+    transformers = pytest.importorskip("transformers")
+    import aaren.hf
+    torch.manual_seed(2)
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97,
+                                         n_positions=256, bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          intermediate_size=64, vocab_size=97)
+        model = transformers.LlamaForCausalLM(config)
+    return aaren.hf.convert(model).eval()
+
+
+@needs_executorch
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_language_model_logits_and_greedy_generation(edge_build, tmp_path, family):
+    """prefill and step give the converted model's logits (through ExecuTorch's runtime here),
+    and the runner's greedy generation is generate()'s."""
+    import aaren.edge
+    import aaren.hf
+    from executorch.runtime import Runtime
+    model = tiny_language_model(family)
+    info = aaren.edge.export(model, tmp_path / "lm.pte", max_prefill=8)
+    assert info["kind"] == "causal_lm" and info["embed_dim"] is None and info["num_layers"] == 2
+    assert "aaren::step.out" in info["operators"]["step"]
+
+    ids = torch.randint(97, (1, 13))
+    with torch.no_grad():
+        want = model(ids).logits[0]  # every position's logits, one parallel forward
+    ctypes.CDLL(str(KERNELS), mode=ctypes.RTLD_GLOBAL)
+    program = Runtime.get().load_program(str(tmp_path / "lm.pte"))
+    methods = {name: program.load_method(name) for name in ("prefill", "step", "reset")}
+    for _ in range(2):  # the second stream after reset
+        got = [methods["prefill"].execute([ids[:, :8]])[0][0].clone(),
+               methods["prefill"].execute([ids[:, 8:10]])[0][0].clone()]
+        got += [methods["step"].execute([ids[:, t:t + 1]])[0][0].clone() for t in range(10, 13)]
+        assert_relative(torch.stack(got), want[[7, 9, 10, 11, 12]])
+        methods["reset"].execute([])
+
+    prompt = torch.randint(97, (1, 11))  # more than one prefill chunk
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=12, do_sample=False,
+                                   past_key_values=aaren.hf.AarenCache(model.config))[0, 11:]
+    result = run_runner(tmp_path / "lm.pte", "--prompt-ids", ",".join(map(str, prompt[0].tolist())),
+                        "--generate", 12)
+    assert result.returncode == 0, result.stderr
+    assert f"generated: {','.join(map(str, generated.tolist()))}" in result.stdout
+    assert "p50" in result.stdout and "peak RSS" in result.stdout
+
+
+@needs_executorch
+def test_language_model_bad_options(edge_build, tmp_path):
+    import aaren.edge
+    aaren.edge.export(tiny_language_model("llama"), tmp_path / "lm.pte", max_prefill=4)
+    assert_one_line_error(run_runner(tmp_path / "lm.pte", "--prompt-ids", "1,,2", "--generate", 2),
+                          "--prompt-ids takes comma-separated token ids")
+    assert_one_line_error(run_runner(tmp_path / "lm.pte", "--prompt-ids", "1,2"),
+                          "needs both --prompt-ids and --generate")
+    torch.randn(2, 4).numpy().astype("<f4").tofile(tmp_path / "x.f32")
+    assert_one_line_error(run_runner(tmp_path / "lm.pte", "--input", tmp_path / "x.f32",
+                                     "--output", tmp_path / "y.f32"), "not an encoder program")
 
 
 # ---- bad input: one line on stderr, exit status 1 -------------------------------------------

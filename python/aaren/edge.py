@@ -3,10 +3,11 @@ links no libtorch (docs/edge.md).
 
 `export(model, path)` writes a `.pte` program with three methods over one batch row:
 
-- ``prefill(x [1, T, E]) -> y [1, T, E]``: a chunk of 1 <= T <= ``max_prefill`` tokens
-  through the parallel scan, from the current state;
-- ``step(x [1, E]) -> y [1, E]``: one token;
-- ``reset() -> lse [1]``: back to the empty state (what a loaded program starts from).
+- ``prefill``: a chunk of 1 <= T <= ``max_prefill`` tokens through the parallel scan, from the
+  current state: for an encoder ``x [1, T, E] float32 -> y [1, T, E]``, for a causal language
+  model ``ids [1, T] int64 -> logits [1, V]`` (the last token's);
+- ``step``: one token, ``x [1, E] -> y [1, E]`` or ``ids [1, 1] -> logits [1, V]``;
+- ``reset() -> [1]``: back to the empty state (what a loaded program starts from).
 
 The state lives inside the program, in mutable buffers that the three methods share (as
 ExecuTorch's LLM export keeps its KV cache): one ``(lse [1, H], out [1, H, D])`` pair per layer,
@@ -17,8 +18,11 @@ Linear layers are delegated to XNNPACK (float32); the aaren operators run as Exe
 kernels of this project (``csrc/edge/kernels.cpp``, the same ``combine.h`` arithmetic as the
 CPU kernels), which ``aaren_runner`` links (``scripts/run.sh edge`` builds it).
 
-Model kinds: an `aaren.AarenEncoder`, or an ``nn.TransformerEncoder`` converted by
-`aaren.convert` (exported as `AarenEncoder.from_transformer_encoder` of it, the same weights).
+Model kinds: an `aaren.AarenEncoder`; an ``nn.TransformerEncoder`` converted by
+`aaren.convert` (exported as `AarenEncoder.from_transformer_encoder` of it, the same weights);
+a Hugging Face causal language model converted by `aaren.hf.convert` (the program also keeps
+the number of tokens seen, for positions: a model with learned absolute positions, GPT-2's,
+stops at its ``n_positions``).
 
 Needs the ``executorch`` package (``pip install aaren[edge]``, or ``scripts/run.sh edge``,
 which installs only what export uses). This module imports without it; `export` raises an
@@ -26,6 +30,7 @@ ImportError that names the install.
 """
 import copy
 import os
+import sys
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -121,18 +126,18 @@ def _attention_step_as_calls(x, proj_weight, proj_bias, out_weight, out_bias, nu
 
 # ---- the program's modules: the state in buffers shared by every method ---------------------
 
-class _StatefulEncoder(nn.Module):
-    """The encoder and its per-layer state as buffers (``state_lse_i [1, H]`` = -inf,
+class _StatefulModel(nn.Module):
+    """A model and its per-layer state as buffers (``state_lse_i [1, H]`` = -inf,
     ``state_out_i [1, H, D]`` = 0, float64). Every method's module holds this same object as
     ``core``, so the buffers have the same names in every method: what ExecuTorch matches to
-    share them."""
+    share them. `run` maps a chunk of inputs to the method's output, reading and writing the
+    state."""
 
-    def __init__(self, encoder: AarenEncoder) -> None:
+    def __init__(self, model: nn.Module, attention_modules) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.num_layers = encoder.num_layers
-        for i, layer in enumerate(encoder.layers):
-            attention = layer.self_attn
+        self.model = model
+        self.num_layers = len(attention_modules)
+        for i, attention in enumerate(attention_modules):
             lse, out = empty_state(1, attention.num_heads, attention.head_dim, torch.float64)
             self.register_buffer(f"state_lse_{i}", lse)
             self.register_buffer(f"state_out_{i}", out)
@@ -142,43 +147,110 @@ class _StatefulEncoder(nn.Module):
                 for i in range(self.num_layers)]
 
     def store(self, states: List[State]) -> None:
-        for i, (lse, out) in enumerate(states):
-            getattr(self, f"state_lse_{i}").copy_(lse)
-            getattr(self, f"state_out_{i}").copy_(out)
+        for (lse, out), (new_lse, new_out) in zip(self.states(), states):
+            lse.copy_(new_lse)
+            out.copy_(new_out)
 
-
-class _Prefill(nn.Module):
-    def __init__(self, core: _StatefulEncoder) -> None:
-        super().__init__()
-        self.core = core
-
-    def forward(self, x: Tensor) -> Tensor:
-        y, states = self.core.encoder.prefill(x, self.core.states())
-        self.core.store(states)
-        return y
-
-
-class _Step(nn.Module):
-    def __init__(self, core: _StatefulEncoder) -> None:
-        super().__init__()
-        self.core = core
-
-    def forward(self, x: Tensor) -> Tensor:
-        y, states = self.core.encoder.step(x, self.core.states())
-        self.core.store(states)
-        return y
-
-
-class _Reset(nn.Module):
-    def __init__(self, core: _StatefulEncoder) -> None:
-        super().__init__()
-        self.core = core
-
-    def forward(self) -> Tensor:
-        for lse, out in self.core.states():
+    def reset(self) -> None:
+        for lse, out in self.states():
             lse.fill_(float("-inf"))
             out.zero_()
-        return self.core.state_lse_0[:, 0].clone()  # a method returns something
+
+
+class _StatefulEncoder(_StatefulModel):
+    """An AarenEncoder: x [1, T, E] -> y [1, T, E] (prefill), x [1, E] -> y [1, E] (step)."""
+
+    def __init__(self, encoder: AarenEncoder) -> None:
+        super().__init__(encoder, [layer.self_attn for layer in encoder.layers])
+
+    def run(self, x: Tensor, one_token: bool) -> Tensor:
+        forward = self.model.step if one_token else self.model.prefill
+        y, states = forward(x, self.states())
+        self.store(states)
+        return y
+
+
+class _StatefulCausalLM(_StatefulModel):
+    """A Hugging Face causal LM converted by aaren.hf: token ids [1, T] -> the last token's
+    logits [1, V]. Also keeps the number of tokens seen (``position``, int64), which gives the
+    tokens' positions (absolute embeddings, RoPE). Each layer's state is handed to the model
+    through a `transformers` Cache whose layers are the buffers (`_BufferLayer`)."""
+
+    def __init__(self, model: nn.Module, attention_modules) -> None:
+        super().__init__(model, sorted(attention_modules, key=lambda m: m.layer_idx))
+        self.register_buffer("position", torch.zeros(1, dtype=torch.long))
+
+    def run(self, ids: Tensor, one_token: bool) -> Tensor:
+        from transformers.cache_utils import Cache
+        layers = [_buffer_layer(lse, out) for lse, out in self.states()]
+        positions = self.position + torch.arange(ids.size(1), device=ids.device)
+        logits = self.model(input_ids=ids, past_key_values=Cache(layers=layers),
+                            position_ids=positions.unsqueeze(0), cache_position=positions,
+                            use_cache=True).logits
+        self.store([layer.state for layer in layers])
+        self.position.add_(ids.size(1))
+        return logits[:, -1]
+
+    def reset(self) -> None:
+        super().reset()
+        self.position.zero_()
+
+
+def _buffer_layer(lse: Tensor, out: Tensor):
+    """An aaren.hf cache layer starting from (lse, out), that takes the layer's new state
+    without counting tokens as a Python number (which would fix the chunk's length at export:
+    the program counts them in its ``position`` buffer instead)."""
+    from .hf import AarenLayer
+
+    class _BufferLayer(AarenLayer):
+        def set_state(self, state: State, new_tokens) -> None:
+            self.lse, self.out = state
+
+    layer = _BufferLayer()
+    layer.lse, layer.out = lse, out
+    layer.is_initialized = True
+    return layer
+
+
+class _Method(nn.Module):
+    """One method of the program over the shared core: ``prefill`` (a chunk), ``step`` (one
+    token) or ``reset`` (returns lse[0, 0] of the first layer, -inf: a method returns
+    something)."""
+
+    def __init__(self, core: _StatefulModel, name: str) -> None:
+        super().__init__()
+        self.core = core
+        self.name = name
+
+    def forward(self, x: Optional[Tensor] = None) -> Tensor:
+        if x is None:  # reset
+            self.core.reset()
+            return self.core.state_lse_0[:, 0].clone()
+        return self.core.run(x, one_token=self.name == "step")
+
+
+def _transformers_model(model: nn.Module) -> bool:
+    """A `transformers` model (without importing transformers where it is not loaded)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _core_of(model: nn.Module):
+    """(the stateful core, the width or vocabulary of its inputs, whether it takes token ids)
+    for an AarenEncoder, a converted nn.TransformerEncoder or a converted causal LM."""
+    if _transformers_model(model):
+        from .hf import _AarenHFAttention
+        attention = [m for m in model.modules() if isinstance(m, _AarenHFAttention)]
+        if not attention:
+            raise TypeError(f"aaren.edge.export: this {type(model).__name__} has no attention "
+                            f"converted by aaren.hf.convert; convert it (and train it) first")
+        if not hasattr(model, "lm_head") and not type(model).__name__.endswith("ForCausalLM"):
+            raise TypeError(f"aaren.edge.export: a Hugging Face model must be a causal language "
+                            f"model (…ForCausalLM, …LMHeadModel), got {type(model).__name__}")
+        _check_parameters(model)
+        return _StatefulCausalLM(model, attention), None, True
+    encoder = _as_encoder(model)
+    return _StatefulEncoder(encoder), encoder.layers[0].self_attn.embed_dim, False
 
 
 def _as_encoder(model: nn.Module) -> AarenEncoder:
@@ -200,24 +272,29 @@ def _as_encoder(model: nn.Module) -> AarenEncoder:
         if not layer.self_attn.batch_first:
             raise ValueError("aaren.edge.export: the layers must be batch_first (the program "
                              "takes [1, T, E])")
-    parameters = list(encoder.parameters())
+    _check_parameters(encoder)
+    return encoder
+
+
+def _check_parameters(model: nn.Module) -> None:
+    parameters = list(model.parameters())
     if any(p.dtype != torch.float32 for p in parameters):
         raise TypeError("aaren.edge.export: the model must be float32 (XNNPACK's dtype); "
                         "call model.float() first")
     if any(p.device.type != "cpu" for p in parameters):
         raise ValueError("aaren.edge.export: the model must be on the CPU; call model.cpu() first")
-    return encoder
 
 
 def export(model: nn.Module, path: Union[str, os.PathLike], *, max_prefill: int = 256,
            delegate: bool = True) -> Dict[str, object]:
     """Writes ``model`` as an ExecuTorch program with methods ``prefill``, ``step`` and
-    ``reset`` (the module docstring says what they take), its state inside.
+    ``reset``, its state inside (the module docstring; docs/edge.md).
 
     Args:
-        model: an `aaren.AarenEncoder`, or an ``nn.TransformerEncoder`` converted by
-            `aaren.convert`; float32, on the CPU, batch_first. Exported in eval mode (a copy:
-            ``model`` is left as it was).
+        model: an `aaren.AarenEncoder`; an ``nn.TransformerEncoder`` converted by
+            `aaren.convert` (batch_first); or a Hugging Face causal language model converted by
+            `aaren.hf.convert`. Float32, on the CPU. Exported in eval mode, from a copy
+            (``model`` is left as it was).
         path: the ``.pte`` file to write.
         max_prefill: the most tokens one ``prefill`` call takes (its activation memory is
             planned for this many; a runner splits longer prompts into chunks).
@@ -225,33 +302,37 @@ def export(model: nn.Module, path: Union[str, os.PathLike], *, max_prefill: int 
             portable and optimized CPU kernels).
 
     Returns:
-        a dict: ``path``, ``bytes`` (the file's size), ``embed_dim``, ``num_layers``,
-        ``max_prefill``, ``state_bytes`` (the state's bytes inside the program) and
-        ``operators`` (per method, the operators it runs outside the delegate).
+        a dict: ``path``, ``bytes`` (the file's size), ``kind`` ("encoder" or "causal_lm"),
+        ``embed_dim`` (encoders; None for a language model), ``num_layers``, ``max_prefill``,
+        ``state_bytes`` (the state's bytes inside the program: the same after any number of
+        tokens) and ``operators`` (per method, the operators it runs outside the delegate).
 
     Raises:
         ImportError without executorch (naming the install); TypeError for a model of another
-        kind, or not float32; ValueError for ``max_prefill < 1``, a model off the CPU or not
-        batch_first.
+        kind, or not float32; ValueError for ``max_prefill < 1``, a model off the CPU or
+        not batch_first.
     """
-    if not isinstance(max_prefill, int) or max_prefill < 1:
+    if not isinstance(max_prefill, int) or isinstance(max_prefill, bool) or max_prefill < 1:
         raise ValueError(f"aaren.edge.export: max_prefill must be an int >= 1, got {max_prefill!r}")
-    encoder = _as_encoder(model)
+    core, width, takes_ids = _core_of(model)  # checks the model before anything is imported
     et = _executorch()
     register_out_variants()
-    encoder = copy.deepcopy(encoder).eval()
-    core = _StatefulEncoder(encoder)
-    width = encoder.layers[0].self_attn.embed_dim
+    core = copy.deepcopy(core).eval()
 
+    # Example inputs: a chunk of two tokens (one would let export fix T to 1) and one token.
+    chunk_length = min(2, max_prefill)
+    if takes_ids:
+        chunk, token = torch.zeros(1, chunk_length, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
+    else:
+        chunk, token = torch.zeros(1, chunk_length, width), torch.zeros(1, width)
     tokens = torch.export.Dim("tokens", min=1, max=max_prefill)
-    # An example chunk of two tokens (one would let export specialize T to 1).
-    example_chunk = torch.zeros(1, min(2, max_prefill), width)
     with torch.no_grad():
         programs = {
-            "prefill": torch.export.export(_Prefill(core), (example_chunk,),
-                                           dynamic_shapes=({1: tokens},) if max_prefill > 1 else None),
-            "step": torch.export.export(_Step(core), (torch.zeros(1, width),)),
-            "reset": torch.export.export(_Reset(core), ()),
+            "prefill": torch.export.export(
+                _Method(core, "prefill"), (chunk,),
+                dynamic_shapes=({1: tokens},) if max_prefill > 1 else None),
+            "step": torch.export.export(_Method(core, "step"), (token,)),
+            "reset": torch.export.export(_Method(core, "reset"), ()),
         }
     decompositions = {torch.ops.aaren.attention_step.default: _attention_step_as_calls}
     # constant_prop_pass folds what depends on parameters only (the score projection, the
@@ -263,9 +344,10 @@ def export(model: nn.Module, path: Union[str, os.PathLike], *, max_prefill: int 
     edge = et["to_edge_transform_and_lower"](programs, partitioner=partitioners,
                                              compile_config=et["EdgeCompileConfig"]())
     program = edge.to_executorch(et["ExecutorchBackendConfig"](
-        # The state's initial values (lse = -inf) are written into the buffers when a method
-        # is loaded; the methods share the buffers (and a runtime must share its arenas).
-        passes=[et["InitializedMutableBufferPass"](["state_lse", "state_out"])],
+        # The state's initial values (lse = -inf, position 0) are written into the buffers
+        # when a method is loaded; the methods share the buffers (a runtime must share its
+        # memory arenas too, and load every method before running one: docs/edge.md).
+        passes=[et["InitializedMutableBufferPass"](["state_lse", "state_out", "position"])],
         memory_planning_pass=et["MemoryPlanningPass"](alloc_graph_input=True,
                                                       share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
@@ -282,8 +364,9 @@ def export(model: nn.Module, path: Union[str, os.PathLike], *, max_prefill: int 
     return {
         "path": path,
         "bytes": os.path.getsize(path),
+        "kind": "causal_lm" if takes_ids else "encoder",
         "embed_dim": width,
-        "num_layers": encoder.num_layers,
+        "num_layers": core.num_layers,
         "max_prefill": max_prefill,
         "state_bytes": sum(t.numel() * t.element_size() for t in core.buffers()),
         "operators": operators,
