@@ -1,6 +1,6 @@
-// Host emulation of the CUDA features the aaren kernels use, so that the kernels' own source
-// (csrc/ops/cuda/scan_kernel.cu, turned into host C++ by make_emulated_kernel.py) runs on a
-// machine with no GPU and no CUDA toolkit.
+// Host emulation of the CUDA features the aaren kernels use, so that the kernels' own sources
+// (csrc/ops/cuda/, turned into host C++ by make_emulated_kernel.py) run on a machine with no
+// GPU and no CUDA toolkit.
 //
 // What is emulated:
 //   - a launch runs every block of the grid, one block after the other (in index order, or

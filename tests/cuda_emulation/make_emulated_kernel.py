@@ -1,23 +1,27 @@
 #!/usr/bin/env python3
-"""Turns a CUDA source file (csrc/ops/cuda/scan_kernel.cu) into host C++ for the emulator.
+"""Turns the CUDA sources (csrc/ops/cuda/: the kernels, their registration and their headers)
+into host C++ for the emulator.
 
-    make_emulated_kernel.py SOURCE.cu OUTPUT.cpp
+    make_emulated_kernel.py OUTPUT_DIR SOURCE.cu|.cpp... HEADER.cuh|.h...
 
-The output is the source itself, line for line (a #line directive maps every diagnostic and
-every synchronization site the emulator reports back to the .cu), with only these changes:
-  - cuda_shim.h is included first: it defines __global__, __device__, the warp intrinsics,
-    __syncthreads and the parts of the CUDA runtime and c10/ATen CUDA helpers the host code
-    uses, so the CUDA-only headers the source includes are dropped (each one must be in
-    CUDA_HEADERS below, i.e. known to be covered by the shim);
+Each SOURCE becomes OUTPUT_DIR/SOURCE_emulated.cpp, each header OUTPUT_DIR/ops/cuda/HEADER
+(its path under csrc/), which the emulation's include path finds before the original. Every
+output is its source, line for line (a #line directive maps every diagnostic and every
+synchronization site the emulator reports back to the original file), with only these changes:
+  - cuda_shim.h is included first by each source: it defines __global__, __device__, the warp
+    intrinsics, __syncthreads and the parts of the CUDA runtime and c10/ATen CUDA helpers the
+    host code uses, so the CUDA-only headers the sources include are dropped (each one must be
+    in CUDA_HEADERS below, i.e. known to be covered by the shim);
   - every launch `kernel<<<grid, block, shared, stream>>>(args)` becomes
     `::emu::launch(kernel, ::emu::LaunchConfig{grid, block, shared, stream}, args)`;
   - every `extern __shared__ T name[];` becomes a pointer to the emulated block's dynamic
     shared memory;
-  - the TORCH_LIBRARY_IMPL block (the dispatcher registration) is removed: the test calls the
-    kernels' entry points directly.
+  - the TORCH_LIBRARY_IMPL block (the dispatcher registration; exactly one, in a source) is
+    removed: the test calls the kernels' entry points directly.
 Anything else the emulator cannot handle (device code selected by __CUDA_ARCH__, a launch it
-cannot parse, a CUDA header it does not know) stops the conversion with a message saying
-what changed, so the test never runs something other than what the .cu says.
+cannot parse, a CUDA header it does not know, a header beside the sources that is not converted
+with them) stops the conversion with a message saying what changed, so the test never runs
+something other than what the sources say.
 """
 import os
 import re
@@ -56,7 +60,7 @@ def fail(path, message):
         f"make_emulated_kernel.py: {path} no longer has the shape the CUDA emulation expects:\n"
         f"  {message}\n"
         "Update tests/cuda_emulation/make_emulated_kernel.py (and cuda_shim.h) to match, so that "
-        "the emulation test keeps running the kernels as the .cu writes them.\n")
+        "the emulation test keeps running the kernels as the sources write them.\n")
     sys.exit(1)
 
 
@@ -136,7 +140,7 @@ def convert_includes(src, code, path):
             if header not in CUDA_HEADERS:
                 raise ShapeError(
                     f"line {line_of(src, m.start())}: includes <{header}>, a CUDA header the "
-                    "emulation does not know; add what the .cu uses from it to cuda_shim.h and "
+                    "emulation does not know; add what the source uses from it to cuda_shim.h and "
                     "the name to CUDA_HEADERS")
             edits.append((m.start(), m.end(), f"// (CUDA emulation: <{header}> is cuda_shim.h)"))
     return edits
@@ -245,52 +249,47 @@ def check_supported(src, code, path, what):
             raise ShapeError(f"{what} line {line_of(src, m.start())}: uses {name}")
 
 
-def local_includes(src, code, path, roots):
-    """The project headers the source includes that sit next to it (device code)."""
+def local_includes(src, code, path, csrc):
+    """The project headers the source includes from the CUDA sources' own directory."""
     found = []
     here = os.path.dirname(path)
-    for m in re.finditer(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', code, re.M):
-        for root in [here] + roots:
-            candidate = os.path.normpath(os.path.join(root, m.group(1)))
-            if os.path.isfile(candidate) and os.path.dirname(candidate) == here:
-                found.append(candidate)
+    # Directives found in the code (not in comments), names read from the source (the code
+    # has its strings blanked).
+    for m in re.finditer(r"^[ \t]*#[ \t]*include\b", code, re.M):
+        name = re.match(r'[ \t]*"([^"]+)"', src[m.end():])
+        if not name:
+            continue
+        for root in [here, csrc]:
+            candidate = os.path.normpath(os.path.join(root, name.group(1)))
+            if os.path.isfile(candidate):
+                if os.path.dirname(candidate) == here:
+                    found.append((candidate, line_of(src, m.start())))
                 break
     return found
 
 
-def main(argv):
-    if len(argv) != 3:
-        sys.stderr.write(__doc__)
-        return 2
-    path, output = os.path.abspath(argv[1]), argv[2]
+def convert(path, csrc, sources, is_header):
+    """One file's rewrites: (converted text, launches, TORCH_LIBRARY_IMPL blocks, kernels)."""
     with open(path, encoding="utf-8") as f:
         src = f.read()
     code = strip_comments_and_strings(src)
+    name = os.path.basename(path)
     try:
-        if not re.search(r"\b__global__\b", code):
-            raise ShapeError("no __global__ function")
-        check_supported(src, code, path, os.path.basename(path))
-        # Device headers next to the .cu are compiled as they are: they must need no conversion.
-        roots = [os.path.join(os.path.dirname(path), "..", "..")]  # csrc/
-        for header in local_includes(src, code, path, roots):
-            with open(header, encoding="utf-8") as f:
-                hsrc = f.read()
-            hcode = strip_comments_and_strings(hsrc)
-            check_supported(hsrc, hcode, header, os.path.basename(header))
-            for pattern, name in [(r"<<<", "a kernel launch"), (r"\bextern\s+__shared__", "extern __shared__"),
-                                  (r"\bTORCH_LIBRARY", "a dispatcher registration")]:
-                m = re.search(pattern, hcode)
-                if m:
-                    raise ShapeError(f"{os.path.basename(header)} line {line_of(hsrc, m.start())}: "
-                                     f"{name} in a header (only the .cu itself is converted)")
+        check_supported(src, code, path, name)
+        for header, line in local_includes(src, code, path, csrc):
+            if header not in sources:
+                raise ShapeError(f"{name} line {line}: includes {os.path.basename(header)}, which is "
+                                 "not converted with it (list it with the CUDA headers in CMakeLists.txt)")
         edits = []
         edits += convert_includes(src, code, path)
         launches = convert_launches(src, code, path)
-        if not launches:
-            raise ShapeError("no <<<...>>> kernel launch")
         edits += launches
         edits += convert_shared(src, code, path)
-        edits += convert_registration(src, code, path)
+        registrations = len(re.findall(r"\bTORCH_LIBRARY", code))
+        if registrations and is_header:
+            raise ShapeError(f"{name}: a dispatcher registration in a header")
+        if registrations:
+            edits += convert_registration(src, code, path)
     except ShapeError as e:
         fail(path, str(e))
 
@@ -310,18 +309,53 @@ def main(argv):
     converted_code = strip_comments_and_strings(body)
     if "<<<" in converted_code or ">>>" in converted_code:
         fail(path, "a <<< or >>> is left after the conversion")
+    kernels = len(re.findall(r"\b__global__\b", code))
+    return body, len(launches), registrations, kernels
 
-    escaped = path.replace("\\", "\\\\").replace('"', '\\"')
-    header = (
-        f"// Generated by tests/cuda_emulation/make_emulated_kernel.py from {path}.\n"
-        "// Do not edit: the build regenerates it whenever the .cu changes.\n"
-        f"// {len(launches)} kernel launch(es) converted.\n"
-        '#include "cuda_shim.h"\n'
-        f'#line 1 "{escaped}"\n')
-    tmp = output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(header + body)
-    os.replace(tmp, output)
+
+def main(argv):
+    if len(argv) < 3:
+        sys.stderr.write(__doc__)
+        return 2
+    output_dir = argv[1]
+    sources = [os.path.abspath(a) for a in argv[2:]]
+    here = os.path.dirname(sources[0])
+    csrc = os.path.normpath(os.path.join(here, "..", ".."))
+    outputs = []
+    launches = registrations = kernels = 0
+    for path in sources:
+        if os.path.dirname(path) != here:
+            fail(path, f"not in {here}, with the other CUDA sources")
+        is_header = path.endswith((".cuh", ".h"))
+        body, n_launches, n_registrations, n_kernels = convert(path, csrc, sources, is_header)
+        launches += n_launches
+        registrations += n_registrations
+        kernels += n_kernels
+        escaped = path.replace("\\", "\\\\").replace('"', '\\"')
+        generated = f"// Generated by tests/cuda_emulation/make_emulated_kernel.py from {path}.\n"
+        if is_header:
+            # Found before the original by the emulation's include path (ops/cuda/... as in csrc/).
+            target = os.path.join(output_dir, os.path.relpath(path, csrc))
+            text = generated + f'#line 1 "{escaped}"\n' + body
+        else:
+            target = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + "_emulated.cpp")
+            text = (generated + f"// {n_launches} kernel launch(es) converted.\n"
+                    '#include "cuda_shim.h"\n' + f'#line 1 "{escaped}"\n' + body)
+        outputs.append((target, text))
+    sources_named = ", ".join(os.path.basename(p) for p in sources)
+    if kernels == 0:
+        fail(sources_named, "no __global__ function")
+    if launches == 0:
+        fail(sources_named, "no <<<...>>> kernel launch")
+    if registrations != 1:
+        fail(sources_named, "expected exactly one TORCH_LIBRARY_IMPL block (the CUDA registration), "
+                            f"found {registrations}")
+    for target, text in outputs:
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        tmp = target + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
     return 0
 
 

@@ -1,7 +1,7 @@
-// The CUDA kernels of the scan (csrc/ops/cuda/scan_kernel.cu), run on the host by the CUDA
+// The CUDA kernels of the scan (csrc/ops/cuda/*.cu), run on the host by the CUDA
 // emulation (cuda_shim.h: every GPU thread a fiber, warp shuffles and __syncthreads as
 // barriers), against the CPU kernels (aaren::ops::cpu::DEFAULT), on a machine with no GPU.
-// The emulated source is generated from the .cu at build time (make_emulated_kernel.py).
+// The emulated source is generated from the .cu files at build time (make_emulated_kernel.py).
 //
 // What this checks: the kernels' arithmetic and control flow as the .cu writes them, for
 // every dtype, and the host code's plans (vector widths, backward geometry, chunking into

@@ -1,4 +1,4 @@
-// Warp-level building blocks of the CUDA scan kernels (scan_kernel.cu).
+// Warp-level building blocks of the CUDA scan kernels (scan_forward.cu, scan_backward.cu).
 //
 // The kernels give each warp a tile of 32 consecutive tokens at a time. The per-token
 // scalars (scores, lse, gates) live one token per lane, so the scalar recurrences of a
