@@ -13,13 +13,13 @@
 // order of blocks or of threads between barriers (some cases run in reverse order);
 // misaligned vector accesses (the alignment sanitizer, on by default) and out-of-bounds ones
 // (with AAREN_EMULATION_ASAN). Also the float32 accuracy against float64: the forward next
-// to the CPU kernel's and plain PyTorch's (as tests/test_scan.py does on a GPU), and the
+// to the CPU kernel's and plain PyTorch's (as tests/test_scan_*.py do on a GPU), and the
 // backward next to the CPU kernel's, up to N = 8192.
 // What it does not check: anything that needs the GPU itself: timing, the real occupancy
 // and so the real chunk plans (the emulated occupancy ignores registers), the memory model
 // and races between synchronization points, nvcc's code generation (registers, spills) and
 // its rounding (it contracts a * b + c into fma, the host compiler here does not, and the
-// device's exp and log differ from glibc's in the last bits). tests/test_scan.py and
+// device's exp and log differ from glibc's in the last bits). tests/test_scan_*.py and
 // benchmarks/ cover those where a GPU is present.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -372,8 +372,8 @@ double max_error(const at::Tensor& got, const at::Tensor& ref) {
 }
 
 // The forward's error in float32 (2 x 300 tokens x 4 heads x 64 features, scores of scale 3,
-// as tests/test_scan.py): no worse than the CPU kernel's x 1.5 (the normalized recurrence
-// the CUDA forward had made 6x plain PyTorch's), and within tests/test_scan.py's bound of 2x
+// as tests/test_scan_*.py): no worse than the CPU kernel's x 1.5 (the normalized recurrence
+// the CUDA forward had made 6x plain PyTorch's), and within tests/test_scan_*.py's bound of 2x
 // plain PyTorch's float32 softmax. Run on a GPU large enough to chunk the sequences (a real
 // one would) and on one small enough for a single pass.
 TEST(EmulatedScanAccuracy, Float32ForwardWithinCpuError) {

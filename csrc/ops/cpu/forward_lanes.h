@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "aaren/combine.h"
+#include "aaren/walk.h"
 #include "ops/cpu/vec_io.h"
 
 namespace aaren::ops::cpu::CPU_CAPABILITY {
@@ -100,34 +101,17 @@ struct ForwardScratch {
     }
   }
 
-  // Lane j starts from the state (L0, o0) (null: the empty state), entering as (m, u, u o0)
-  // with (m, u) = max_sum_of(L0) (combine.h).
+  // Lane j starts from the state (L0, o0) (null: the empty state): aaren/walk.h's enter_state.
   void enter(int64_t j, int64_t head_dim, const double* state_lse, const double* state_out) {
-    running_max[j] = negative_infinity<acc_t>();
-    denominator[j] = 0;
     acc_t* w_row = numerator.data() + j * row_width;
-    std::fill(w_row, w_row + row_width, acc_t(0));
-    if (state_lse == nullptr) {
-      return;
-    }
-    const MaxSum<acc_t> entering = max_sum_of<acc_t>(*state_lse);
-    running_max[j] = entering.max;
-    denominator[j] = entering.sum;
-    if (entering.sum != acc_t(0)) {
-      for (int64_t d = 0; d < head_dim; ++d) {
-        w_row[d] = static_cast<acc_t>(entering.sum * state_out[d]);
-      }
-    }
+    std::fill(w_row + head_dim, w_row + row_width, acc_t(0));  // the padding of the row
+    enter_state(state_lse, state_out, head_dim, running_max[j], denominator[j], w_row);
   }
 
-  // Lane j's (L, o) after its last token, unrounded: m + log u and w / u in float64.
+  // Lane j's (L, o) after its last token, unrounded (aaren/walk.h's leave_state).
   double leave(int64_t j, int64_t head_dim, double* out_row) const {
-    const double inverse = reciprocal_or_zero(static_cast<double>(denominator[j]));
-    const acc_t* w_row = numerator.data() + j * row_width;
-    for (int64_t d = 0; d < head_dim; ++d) {
-      out_row[d] = static_cast<double>(w_row[d]) * inverse;
-    }
-    return lse_of_wide(running_max[j], denominator[j]);
+    return leave_state(running_max[j], denominator[j], numerator.data() + j * row_width,
+                       head_dim, out_row);
   }
 };
 

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "aaren/combine.h"
+#include "aaren/walk.h"
 #include "ops/cpu/backward_lanes.h"
 #include "ops/cpu/forward_lanes.h"
 #include "ops/cpu/vec_io.h"
@@ -31,9 +32,8 @@ int64_t padded(int64_t head_dim, int64_t width) {
   return (head_dim + width - 1) / width * width;
 }
 
-// One token after a state (a step, or a chunk of one token), in float64 against the float64
-// state, whatever the values' dtype: float32 arithmetic at every step of a stream is a random
-// walk (docs/design.md, "The state"). The state (L0, o0) enters as (m, u, w) = (L0, 1, o0).
+// One token after a state (a step, or a chunk of one token), in float64 whatever the values'
+// dtype: aaren/walk.h's step_token, shared with the ExecuTorch kernels.
 template <typename scalar_t>
 void step_in_float64(const ForwardArgs& args) {
   const int64_t batch = args.values.size(0);
@@ -53,22 +53,11 @@ void step_in_float64(const ForwardArgs& args) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / heads;
       const int64_t h = item % heads;
-      double running_max = state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
-      const bool has_prefix = running_max != negative_infinity<double>();
-      const auto w = add_score(running_max, static_cast<double>(scores[b * s_strides[0] + h * s_strides[2]]));
-      const double denominator = w.weight_old * (has_prefix ? 1.0 : 0.0) + w.weight_new;
-      lse[b * heads + h] = lse_of_wide(running_max, denominator);
-      const double inverse = reciprocal_or_zero(denominator);
       const double* o0 = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
-      const scalar_t* v = values + b * v_strides[0] + h * v_strides[2];
-      double* f_row = final_out + item * head_dim;
-      scalar_t* o_row = out + item * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) {
-        const double numerator = (has_prefix ? w.weight_old * o0[d] : 0.0) +
-                                 w.weight_new * static_cast<double>(v[d]);
-        f_row[d] = numerator * inverse;
-        o_row[d] = static_cast<scalar_t>(f_row[d]);
-      }
+      lse[b * heads + h] = step_token(
+          state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)], o0,
+          scores[b * s_strides[0] + h * s_strides[2]], values + b * v_strides[0] + h * v_strides[2],
+          head_dim, out + item * head_dim, final_out + item * head_dim);
     }
   });
 }
