@@ -16,10 +16,11 @@
 #include <executorch/runtime/platform/platform.h>
 #include <executorch/runtime/platform/runtime.h>
 
+#include "process_stats.h"
+
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -85,33 +86,8 @@ void check(Error error, const std::string& what) {
   }
 }
 
-// The process's peak resident set, from /proc/self/status (VmHWM): getrusage's ru_maxrss
-// survives exec, so a runner started from a large process (Python) would report its parent's.
-double peak_rss_mib() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) {
-      return std::strtod(line.c_str() + 6, nullptr) / 1024.0;  // kB
-    }
-  }
-  return -1.0;  // not Linux: unknown
-}
-
-double now_us() {
-  return std::chrono::duration<double, std::micro>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-double percentile(std::vector<double> values, double q) {
-  if (values.empty()) {
-    return 0.0;
-  }
-  std::sort(values.begin(), values.end());
-  const size_t index = static_cast<size_t>(q * static_cast<double>(values.size() - 1) + 0.5);
-  return values[std::min(index, values.size() - 1)];
-}
+using aaren::edge::now_us;
+using aaren::edge::percentile;
 
 struct Options {
   std::string model, input, output, prompt_ids;
@@ -236,28 +212,49 @@ struct Program {
 
 // ---- encoder programs: prefill(x [1, T, E]) -> [1, T, E], step(x [1, E]) -> [1, E]
 
-std::vector<float> read_tokens(const std::string& path, int64_t width) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) {
-    throw Failure(path + ": cannot open the input");
+// The input tokens, read a chunk at a time (the runner holds no more than one prefill chunk of
+// inputs and outputs, whatever T: its memory does not grow with the stream).
+struct TokenFile {
+  TokenFile(const std::string& path, int64_t width) : path(path), width(width) {
+    in.open(path, std::ios::binary | std::ios::ate);
+    if (!in) {
+      throw Failure(path + ": cannot open the input");
+    }
+    const std::streamsize bytes = in.tellg();
+    const int64_t row_bytes = width * static_cast<int64_t>(sizeof(float));
+    if (bytes % row_bytes != 0) {
+      throw Failure(path + ": " + std::to_string(bytes) + " bytes is not a whole number of " +
+                    "tokens of " + std::to_string(width) + " float32 (" +
+                    std::to_string(row_bytes) + " bytes each)");
+    }
+    if (bytes == 0) {
+      throw Failure(path + ": the input holds no tokens (T = 0)");
+    }
+    tokens = bytes / row_bytes;
+    in.seekg(0);
   }
-  const std::streamsize bytes = in.tellg();
-  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(float));
-  if (bytes % row_bytes != 0) {
-    throw Failure(path + ": " + std::to_string(bytes) + " bytes is not a whole number of " +
-                  "tokens of " + std::to_string(width) + " float32 (" + std::to_string(row_bytes) +
-                  " bytes each)");
+
+  // The next `count` tokens into `rows` (count * width floats).
+  void read(int64_t count, float* rows) {
+    in.read(reinterpret_cast<char*>(rows),
+            static_cast<std::streamsize>(count * width * static_cast<int64_t>(sizeof(float))));
+    if (!in) {
+      throw Failure(path + ": reading the input failed");
+    }
   }
-  if (bytes == 0) {
-    throw Failure(path + ": the input holds no tokens (T = 0)");
+
+  std::string path;
+  int64_t width;
+  int64_t tokens = 0;
+  std::ifstream in;
+};
+
+void write_rows(std::ofstream& out, const std::string& path, const float* rows, int64_t count) {
+  out.write(reinterpret_cast<const char*>(rows),
+            static_cast<std::streamsize>(count * static_cast<int64_t>(sizeof(float))));
+  if (!out) {
+    throw Failure(path + ": cannot write the output");
   }
-  std::vector<float> tokens(static_cast<size_t>(bytes / sizeof(float)));
-  in.seekg(0);
-  in.read(reinterpret_cast<char*>(tokens.data()), bytes);
-  if (!in) {
-    throw Failure(path + ": reading the input failed");
-  }
-  return tokens;
 }
 
 int run_encoder(Program& program, const Options& options) {
@@ -272,53 +269,50 @@ int run_encoder(Program& program, const Options& options) {
   }
   const int64_t width = step_sizes[1];
   const int64_t longest_prefill = prefill_sizes[1];  // the upper bound of its dynamic T
-  const std::vector<float> x = read_tokens(options.input, width);
-  const int64_t tokens = static_cast<int64_t>(x.size()) / width;
+  TokenFile x(options.input, width);
+  const int64_t tokens = x.tokens;
   if (options.prefill > tokens) {
     throw Failure("--prefill " + std::to_string(options.prefill) + " is more than the " +
                   std::to_string(tokens) + " tokens of " + options.input);
   }
-  std::vector<float> y(x.size());
+  std::ofstream y(options.output, std::ios::binary);
+  if (!y) {
+    throw Failure(options.output + ": cannot open the output");
+  }
 
   double prefill_us = 0.0;
+  std::vector<float> rows(static_cast<size_t>(std::min(options.prefill, longest_prefill) * width));
   for (int64_t begin = 0; begin < options.prefill; begin += longest_prefill) {
     const int64_t count = std::min<int64_t>(longest_prefill, options.prefill - begin);
+    x.read(count, rows.data());
     auto chunk = make_tensor_ptr({1, static_cast<int32_t>(count), static_cast<int32_t>(width)},
-                                 std::vector<float>(x.begin() + begin * width,
-                                                    x.begin() + (begin + count) * width));
+                                 rows.data());  // a view of `rows`, no copy
     const double start = now_us();
     const auto result = program.module.execute("prefill", {EValue(chunk)});
     prefill_us += now_us() - start;
     check(result.error(), "prefill");
-    const auto& out = result.get()[0].toTensor();
-    std::copy_n(out.const_data_ptr<float>(), count * width, y.begin() + begin * width);
+    write_rows(y, options.output, result.get()[0].toTensor().const_data_ptr<float>(),
+               count * width);
   }
 
   std::vector<double> step_us;
   step_us.reserve(static_cast<size_t>(tokens - options.prefill));
   std::vector<float> token(static_cast<size_t>(width));
-  auto input = make_tensor_ptr({1, static_cast<int32_t>(width)}, token);
+  auto input = make_tensor_ptr({1, static_cast<int32_t>(width)}, token.data());
   for (int64_t t = options.prefill; t < tokens; ++t) {
-    std::copy_n(x.begin() + t * width, width, input->mutable_data_ptr<float>());
+    x.read(1, token.data());
     const double start = now_us();
     const auto result = program.module.execute("step", {EValue(input)});
     step_us.push_back(now_us() - start);
     check(result.error(), "step at token " + std::to_string(t));
-    std::copy_n(result.get()[0].toTensor().const_data_ptr<float>(), width, y.begin() + t * width);
-  }
-
-  std::ofstream out(options.output, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(y.data()),
-            static_cast<std::streamsize>(y.size() * sizeof(float)));
-  if (!out) {
-    throw Failure(options.output + ": cannot write the output");
+    write_rows(y, options.output, result.get()[0].toTensor().const_data_ptr<float>(), width);
   }
   std::printf("tokens %lld (E = %lld): prefill %lld in %.3f ms, step %zu\n",
               static_cast<long long>(tokens), static_cast<long long>(width),
               static_cast<long long>(options.prefill), prefill_us / 1000.0, step_us.size());
   std::printf("step latency per token: p50 %.1f us, p90 %.1f us\n", percentile(step_us, 0.5),
               percentile(step_us, 0.9));
-  std::printf("peak RSS %.1f MiB\n", peak_rss_mib());
+  std::printf("peak RSS %.1f MiB\n", aaren::edge::status_mib("VmHWM"));
   return 0;
 }
 
@@ -393,7 +387,7 @@ int run_language_model(Program& program, const Options& options) {
               prefill_us / 1000.0, step_us.size());
   std::printf("step latency per token: p50 %.1f us, p90 %.1f us\n", percentile(step_us, 0.5),
               percentile(step_us, 0.9));
-  std::printf("peak RSS %.1f MiB\n", peak_rss_mib());
+  std::printf("peak RSS %.1f MiB\n", aaren::edge::status_mib("VmHWM"));
   return 0;
 }
 
