@@ -127,6 +127,11 @@ check_edge() {
   python examples/edge_stream.py
 }
 
+smoke_edge_benchmark() {
+  log "edge benchmark, smoke mode (benchmarks/bench_edge.py: checks every program's outputs)"
+  python benchmarks/bench_edge.py --smoke
+}
+
 run_tests() {
   log "pytest"
   AAREN_REQUIRE_EDGE=1 python -m pytest -q
@@ -155,6 +160,7 @@ newest() {
   build_edge
   run_tests
   check_edge
+  smoke_edge_benchmark
 }
 
 oldest() {
