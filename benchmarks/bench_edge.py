@@ -378,13 +378,14 @@ def runner(program: str, inputs: str, outputs: str, prefill: int) -> Dict[str, f
 
 
 def loaded_bytes(binary: str) -> Dict[str, int]:
-    """The binary and every shared library it loads (ldd), by file, in bytes."""
-    files = {binary: os.path.getsize(binary)}
+    """The binary and every shared library it loads (ldd), by file name, in bytes (names
+    rather than paths: where they are installed is this machine's business)."""
+    files = {os.path.basename(binary): os.path.getsize(binary)}
     for line in run(["ldd", binary]).splitlines():
         found = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
         if found:
             path = os.path.realpath(found.group(1))
-            files[path] = os.path.getsize(path)
+            files[os.path.basename(path)] = os.path.getsize(path)
     return files
 
 
