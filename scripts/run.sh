@@ -107,7 +107,7 @@ setup() {
 install_edge() {
   # executorch without its declared dependencies (coremltools, scikit-learn, hydra-core, ...:
   # other backends and its LLM tooling); export uses only these four besides torch. Pinned:
-  # the versions CI tests. (pip install aaren[edge] brings the whole set instead.)
+  # the versions CI tests. (The edge extra, pip install '.[edge]', brings the whole set instead.)
   log "installing executorch==$EXECUTORCH_VERSION (export's dependencies only) into $VENV"
   python -m pip install -q --no-deps "executorch==$EXECUTORCH_VERSION" "torchao==0.18.0" \
     "flatbuffers==25.12.19" "ruamel.yaml==0.19.1" "tabulate==0.10.0"

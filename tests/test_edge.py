@@ -97,7 +97,7 @@ def runner_outputs(tmp_path, program, x, prefill):
     x.numpy().astype("<f4").tofile(inputs)
     result = run_runner(program, "--input", inputs, "--output", outputs, "--prefill", prefill)
     assert result.returncode == 0, result.stderr
-    assert "p50" in result.stdout and "peak RSS" in result.stdout
+    assert "step latency per token" in result.stdout and "peak RSS" in result.stdout
     return torch.from_numpy(np.fromfile(outputs, dtype="<f4").reshape(x.shape)), result.stdout
 
 
@@ -121,7 +121,7 @@ def test_import_without_executorch_names_the_install():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "ImportError: aaren.edge needs the executorch package" in result.stdout
-    assert "pip install aaren[edge]" in result.stdout
+    assert "pip install --no-build-isolation '.[edge]'" in result.stdout
 
 
 def test_export_rejects_what_it_cannot_export(tmp_path):
@@ -457,6 +457,12 @@ def test_bad_inputs_and_options(encoder_program, tmp_path):
                                      "--prefill", 6), "--prefill 6 is more than the 5 tokens")
     assert_one_line_error(run_runner(path, "--input", tmp_path / "missing.f32", "--output", out),
                           "cannot open the input")
+    assert_one_line_error(run_runner(path, "--input", tmp_path, "--output", out),
+                          "the input is not a regular file")
+    assert_one_line_error(run_runner(path, "--input", tmp_path / "x.f32", "--output", out,
+                                     "--prefill", "99999999999999999999"), "--prefill takes a count")
+    assert_one_line_error(run_runner(path, "--input", tmp_path / "x.f32", "--output", out,
+                                     "--prefill", 1, "--prefill", 2), "--prefill is given twice")
     assert_one_line_error(run_runner(path, "--input", tmp_path / "x.f32", "--output", out,
                                      "--prefill", "-1"), "--prefill takes a count")
     assert_one_line_error(run_runner(path, "--input", tmp_path / "x.f32"), "both --input and --output")

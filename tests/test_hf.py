@@ -91,7 +91,7 @@ def test_import_aaren_never_imports_transformers_and_hf_says_how_to_install():
         "try:\n"
         "    import aaren.hf\n"
         "except ImportError as e:\n"
-        "    assert 'pip install aaren[hf]' in str(e), str(e)\n"
+        "    assert \"pip install --no-build-isolation '.[hf]'\" in str(e), str(e)\n"
         "    print('OK')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -21,6 +21,8 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <set>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -89,6 +91,15 @@ void check(Error error, const std::string& what) {
 using aaren::edge::now_us;
 using aaren::edge::percentile;
 
+void print_step_latency(const std::vector<double>& step_us) {
+  if (step_us.empty()) {
+    std::printf("step latency per token: n/a (no step)\n");
+    return;
+  }
+  std::printf("step latency per token: p50 %.1f us, p90 %.1f us\n", percentile(step_us, 0.5),
+              percentile(step_us, 0.9));
+}
+
 struct Options {
   std::string model, input, output, prompt_ids;
   long prefill = 0;
@@ -97,8 +108,9 @@ struct Options {
 
 long parse_count(const std::string& flag, const char* text) {
   char* end = nullptr;
+  errno = 0;
   const long value = std::strtol(text, &end, 10);
-  if (end == text || *end != '\0' || value < 0) {
+  if (end == text || *end != '\0' || value < 0 || errno == ERANGE) {
     throw Failure(flag + " takes a count of 0 or more, got '" + text + "'");
   }
   return value;
@@ -109,8 +121,12 @@ Options parse(int argc, char** argv) {
       "usage: aaren_runner MODEL.pte --input X.f32 --output Y.f32 [--prefill K] | "
       "aaren_runner MODEL.pte --prompt-ids 1,2,3 --generate N  [--verbose]";
   Options options;
+  std::set<std::string> given;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg.rfind("--", 0) == 0 && !given.insert(arg).second) {
+      throw Failure(arg + " is given twice");
+    }
     const auto value = [&]() -> const char* {
       if (i + 1 >= argc) {
         throw Failure(arg + " needs a value; " + usage);
@@ -216,6 +232,13 @@ struct Program {
 // inputs and outputs, whatever T: its memory does not grow with the stream).
 struct TokenFile {
   TokenFile(const std::string& path, int64_t width) : path(path), width(width) {
+    struct stat info{};
+    if (stat(path.c_str(), &info) != 0) {
+      throw Failure(path + ": cannot open the input");
+    }
+    if (!S_ISREG(info.st_mode)) {
+      throw Failure(path + ": the input is not a regular file");
+    }
     in.open(path, std::ios::binary | std::ios::ate);
     if (!in) {
       throw Failure(path + ": cannot open the input");
@@ -310,8 +333,7 @@ int run_encoder(Program& program, const Options& options) {
   std::printf("tokens %lld (E = %lld): prefill %lld in %.3f ms, step %zu\n",
               static_cast<long long>(tokens), static_cast<long long>(width),
               static_cast<long long>(options.prefill), prefill_us / 1000.0, step_us.size());
-  std::printf("step latency per token: p50 %.1f us, p90 %.1f us\n", percentile(step_us, 0.5),
-              percentile(step_us, 0.9));
+  print_step_latency(step_us);
   std::printf("peak RSS %.1f MiB\n", aaren::edge::status_mib("VmHWM"));
   return 0;
 }
@@ -385,8 +407,7 @@ int run_language_model(Program& program, const Options& options) {
   }
   std::printf("\nprompt %zu tokens: prefill %.3f ms; step %zu\n", prompt.size(),
               prefill_us / 1000.0, step_us.size());
-  std::printf("step latency per token: p50 %.1f us, p90 %.1f us\n", percentile(step_us, 0.5),
-              percentile(step_us, 0.9));
+  print_step_latency(step_us);
   std::printf("peak RSS %.1f MiB\n", aaren::edge::status_mib("VmHWM"));
   return 0;
 }

@@ -24,13 +24,14 @@ a Hugging Face causal language model converted by `aaren.hf.convert` (the progra
 the number of tokens seen, for positions: a model with learned absolute positions, GPT-2's,
 stops at its ``n_positions``).
 
-Needs the ``executorch`` package (``pip install aaren[edge]``, or ``scripts/run.sh edge``,
-which installs only what export uses). This module imports without it; `export` raises an
+Needs the ``executorch`` package (``pip install --no-build-isolation '.[edge]'`` in a checkout,
+or ``scripts/run.sh edge``, which installs only what export uses). This module imports without it; `export` raises an
 ImportError that names the install.
 """
 import copy
 import os
 import sys
+import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -44,8 +45,8 @@ __all__ = ["export", "EXECUTORCH_VERSION", "register_out_variants"]
 
 # The version the project tests; docs/edge.md says how it installs.
 EXECUTORCH_VERSION = "1.5.1"
-_INSTALL_HINT = (f"pip install aaren[edge] (executorch=={EXECUTORCH_VERSION}), or "
-                 f"scripts/run.sh edge from a checkout")
+_INSTALL_HINT = (f"in an aaren checkout, pip install --no-build-isolation '.[edge]' "
+                 f"(executorch=={EXECUTORCH_VERSION}), or scripts/run.sh edge")
 
 
 def _executorch():
@@ -295,7 +296,7 @@ def export(model: nn.Module, path: Union[str, os.PathLike], *, max_prefill: int 
             `aaren.convert` (batch_first); or a Hugging Face causal language model converted by
             `aaren.hf.convert`. Float32, on the CPU. Exported in eval mode, from a copy
             (``model`` is left as it was).
-        path: the ``.pte`` file to write.
+        path: the ``.pte`` file to write (missing parent directories are created).
         max_prefill: the most tokens one ``prefill`` call takes (its activation memory is
             planned for this many; a runner splits longer prompts into chunks).
         delegate: delegate the Linear layers to XNNPACK (False: every operator on ExecuTorch's
@@ -317,7 +318,9 @@ def export(model: nn.Module, path: Union[str, os.PathLike], *, max_prefill: int 
     core, width, takes_ids = _core_of(model)  # checks the model before anything is imported
     et = _executorch()
     register_out_variants()
-    core = copy.deepcopy(core).eval()
+    # A copy in eval mode without gradients (constant_prop_pass would otherwise fold
+    # parameters that require grad into constants and warn about each).
+    core = copy.deepcopy(core).eval().requires_grad_(False)
 
     # Example inputs: a chunk of two tokens (one would let export fix T to 1) and one token.
     chunk_length = min(2, max_prefill)
@@ -343,15 +346,19 @@ def export(model: nn.Module, path: Union[str, os.PathLike], *, max_prefill: int 
     partitioners = [et["XnnpackPartitioner"]()] if delegate else []
     edge = et["to_edge_transform_and_lower"](programs, partitioner=partitioners,
                                              compile_config=et["EdgeCompileConfig"]())
-    program = edge.to_executorch(et["ExecutorchBackendConfig"](
-        # The state's initial values (lse = -inf, position 0) are written into the buffers
-        # when a method is loaded; the methods share the buffers (a runtime must share its
-        # memory arenas too, and load every method before running one: docs/edge.md).
-        passes=[et["InitializedMutableBufferPass"](["state_lse", "state_out", "position"])],
-        memory_planning_pass=et["MemoryPlanningPass"](alloc_graph_input=True,
-                                                      share_mutable_buffers=True),
-        emit_mutable_buffer_names=True,
-    ))
+    with warnings.catch_warnings():
+        # The emitter warns of a "meaningless initial state" for every mutated buffer, even
+        # those InitializedMutableBufferPass gives their initial values (ours, all of them).
+        warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
+        program = edge.to_executorch(et["ExecutorchBackendConfig"](
+            # The state's initial values (lse = -inf, position 0) are written into the buffers
+            # when a method is loaded; the methods share the buffers (a runtime must share its
+            # memory arenas too, and load every method before running one: docs/edge.md).
+            passes=[et["InitializedMutableBufferPass"](["state_lse", "state_out", "position"])],
+            memory_planning_pass=et["MemoryPlanningPass"](alloc_graph_input=True,
+                                                          share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+        ))
     path = os.fspath(path)
     directory = os.path.dirname(path)
     if directory:

@@ -1,4 +1,4 @@
-"""Aaren inside Hugging Face ``transformers`` models (optional: ``pip install aaren[hf]``).
+"""Aaren inside Hugging Face ``transformers`` models (optional: the ``hf`` extra, ``pip install --no-build-isolation '.[hf]'``).
 
 - ``convert(model, names=None)``: replaces the causal self-attention of GPT-2,
   DecisionTransformer and Llama-family models (Llama, Mistral, Qwen2, Qwen3) by Aaren modules
@@ -38,7 +38,8 @@ try:
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
     from transformers.pytorch_utils import Conv1D
 except ImportError as error:  # pragma: no cover - exercised only without transformers
-    raise ImportError("aaren.hf needs Hugging Face transformers: pip install aaren[hf]") from error
+    raise ImportError("aaren.hf needs Hugging Face transformers: in an aaren checkout, "
+                      "pip install --no-build-isolation '.[hf]'") from error
 
 from .functional import scan as _scan
 from .functional import step as _step
