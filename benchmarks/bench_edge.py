@@ -89,6 +89,7 @@ LibTorch side). Exit status 1 when a check fails (a program's outputs differ fro
 model's); missed targets are reported, not failed.
 """
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -264,25 +265,19 @@ def _operators(program) -> Dict[str, List[str]]:
             for plan in program.executorch_program.execution_plan}
 
 
-class FlatStep(nn.Module):
-    """``step`` with a flat state, for AOTInductor (examples/export.py's FlatStep, no head)."""
-
-    def __init__(self, encoder: aaren.AarenEncoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x: Tensor, *flat: Tensor):
-        states = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
-        y, new_states = self.encoder.step(x, states)
-        return (y, *[t for state in new_states for t in state])
-
-
 def export_aoti(encoder: aaren.AarenEncoder, path: str) -> Dict[str, object]:
+    """The encoder's step as the project's LibTorch deployment packages it: examples/export.py's
+    FlatStep (inputs x, lse_0, out_0, ..., flattened by AOTInductor as bench_edge_libtorch
+    passes them), batch 1."""
+    spec = importlib.util.spec_from_file_location(
+        "aaren_export_example", os.path.join(ROOT, "examples", "export.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
     width = encoder.layers[0].self_attn.embed_dim
     x = torch.zeros(1, width)
     flat = [t for state in encoder.empty_states(x) for t in state]
     with torch.no_grad():
-        exported = torch.export.export(FlatStep(encoder), (x, *flat))
+        exported = torch.export.export(example.FlatStep(encoder), (x, flat))
         torch._inductor.aoti_compile_and_package(exported, package_path=path)
     return {"bytes": os.path.getsize(path)}
 

@@ -26,6 +26,21 @@ import aaren.edge
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def stream_in_python(encoder, x, prefill, chunk):
+    """What the runner must give for tokens x [T, E]: the first `prefill` tokens through
+    ``encoder.prefill`` in chunks of at most `chunk` (the program's max_prefill), the rest one
+    at a time through ``encoder.step``, from the empty state. Returns [T, E]."""
+    with torch.no_grad():
+        pieces, states = [], None
+        for begin in range(0, prefill, chunk):
+            y, states = encoder.prefill(x[None, begin:min(prefill, begin + chunk)], states)
+            pieces.append(y[0])
+        for t in range(prefill, x.size(0)):
+            y, states = encoder.step(x[None, t], states)
+            pieces.append(y)
+    return torch.cat(pieces)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=pathlib.Path, default=ROOT / "build" / "edge" / "demo")
@@ -77,17 +92,8 @@ def main() -> int:
         return 1
     got = torch.from_numpy(np.fromfile(outputs, dtype="<f4").reshape(args.tokens, width))
 
-    # 4. The same stream in Python: prefill in the program's chunks, then step.
-    with torch.no_grad():
-        pieces, states = [], None
-        for begin in range(0, args.prompt, info["max_prefill"]):
-            y, states = model.prefill(x[None, begin:min(args.prompt, begin + info["max_prefill"])],
-                                      states)
-            pieces.append(y[0])
-        for t in range(args.prompt, args.tokens):
-            y, states = model.step(x[None, t], states)
-            pieces.append(y)
-        want = torch.cat(pieces)
+    # 4. The same stream in Python.
+    want = stream_in_python(model, x, args.prompt, info["max_prefill"])
     error = (got - want).abs().max().item() / want.abs().max().item()
     print(f"runner vs Python streaming: max error {error:.2e} relative to the largest output")
     if error > 1e-5:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import aaren
+from example_scripts import load_script
 from naive import naive_scan
 from scan_problems import mixed_scores
 from tolerance import assert_close_to_reference
@@ -79,17 +80,9 @@ def small_encoder(width=32, heads=4, layers=2, seed=0):
 
 
 def python_stream(encoder, x, prefill, chunk):
-    """The outputs the runner must give: the first `prefill` tokens through prefill in chunks
-    of at most `chunk`, the rest through step, from the empty state."""
-    outputs, states = [], None
-    with torch.no_grad():
-        for begin in range(0, prefill, chunk):
-            y, states = encoder.prefill(x[None, begin:min(prefill, begin + chunk)], states)
-            outputs.append(y[0])
-        for t in range(prefill, x.size(0)):
-            y, states = encoder.step(x[None, t], states)
-            outputs.append(y)
-    return torch.cat(outputs)
+    """The outputs the runner must give (the demo's own reference: examples/edge_stream.py)."""
+    return load_script("examples/edge_stream.py", "edge_stream").stream_in_python(
+        encoder, x, prefill, chunk)
 
 
 def runner_outputs(tmp_path, program, x, prefill):

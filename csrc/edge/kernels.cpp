@@ -148,7 +148,9 @@ void run(const ScanCall& call) {
   const double* state_lse = has_state ? call.state_lse->const_data_ptr<double>() : nullptr;
   const double* state_out = has_state ? call.state_out->const_data_ptr<double>() : nullptr;
   const bool in_float64_step = call.length == 1 && has_state && !std::is_same_v<scalar_t, double>;
-  std::vector<scalar_t> numerator(static_cast<size_t>(head_dim));
+  // The walk's running numerator; a one-token step after a state needs none (no allocation
+  // on the step's path).
+  std::vector<scalar_t> numerator(in_float64_step ? 0 : static_cast<size_t>(head_dim));
   for (int64_t b = 0; b < call.batch; ++b) {
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t lane = b * heads + h;

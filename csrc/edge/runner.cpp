@@ -56,12 +56,12 @@ void keep_log_message(et_timestamp_t, et_pal_log_level_t level, const char* file
                       const char*, size_t line, const char* message, size_t length) {
   if ((level == kError || level == kFatal) && first_runtime_error.empty()) {
     // One printable line: a message about a corrupt file may quote its bytes.
+    while (length > 0 && (message[length - 1] == '\n' || message[length - 1] == '\r')) {
+      --length;
+    }
     for (size_t i = 0; i < length; ++i) {
       const unsigned char c = static_cast<unsigned char>(message[i]);
       first_runtime_error.push_back(c >= 0x20 && c < 0x7f ? static_cast<char>(c) : '?');
-    }
-    while (!first_runtime_error.empty() && first_runtime_error.back() == '?') {
-      first_runtime_error.pop_back();  // the trailing newline
     }
   }
   if (verbose) {
@@ -78,13 +78,9 @@ void check(Error error, const std::string& what) {
   const std::string cause = runtime_cause();
   first_runtime_error.clear();
   if (error != Error::Ok) {
-    throw Failure(what + " failed (ExecuTorch error 0x" +
-                  [&] {
-                    char hex[16];
-                    std::snprintf(hex, sizeof hex, "%x", static_cast<unsigned>(error));
-                    return std::string(hex);
-                  }() +
-                  ")" + cause);
+    char code[48];
+    std::snprintf(code, sizeof code, " failed (ExecuTorch error 0x%x)", static_cast<unsigned>(error));
+    throw Failure(what + code + cause);
   }
 }
 
@@ -189,10 +185,7 @@ struct Program {
     if (info.st_size == 0) {
       throw Failure(path + ": the file is empty, not an ExecuTorch program");
     }
-    const Error loaded = module.load();
-    if (loaded != Error::Ok) {
-      check(loaded, path + ": loading the program (truncated or not an ExecuTorch .pte?)");
-    }
+    check(module.load(), path + ": loading the program (truncated or not an ExecuTorch .pte?)");
     const auto names = module.method_names();
     check(names.error(), path + ": reading its methods");
     for (const char* method : {"prefill", "step", "reset"}) {
@@ -207,20 +200,18 @@ struct Program {
     }
   }
 
-  std::vector<int32_t> input_sizes(const char* method) {
-    const auto meta = module.method_meta(method);
-    check(meta.error(), std::string("reading method '") + method + "'");
-    const auto info = meta->input_tensor_meta(0);
-    check(info.error(), std::string("reading the input of '") + method + "'");
-    return {info->sizes().begin(), info->sizes().end()};
-  }
+  // A method's first input: its dtype and sizes (a dynamic size at its upper bound).
+  struct Input {
+    ScalarType dtype;
+    std::vector<int32_t> sizes;
+  };
 
-  ScalarType input_dtype(const char* method) {
+  Input input(const char* method) {
     const auto meta = module.method_meta(method);
     check(meta.error(), std::string("reading method '") + method + "'");
     const auto info = meta->input_tensor_meta(0);
     check(info.error(), std::string("reading the input of '") + method + "'");
-    return info->scalar_type();
+    return {info->scalar_type(), {info->sizes().begin(), info->sizes().end()}};
   }
 
   Module module;
@@ -281,12 +272,13 @@ void write_rows(std::ofstream& out, const std::string& path, const float* rows, 
 }
 
 int run_encoder(Program& program, const Options& options) {
-  if (program.input_dtype("step") != ScalarType::Float) {
+  const Program::Input step = program.input("step");
+  if (step.dtype != ScalarType::Float) {
     throw Failure(options.model + ": not an encoder program (its step takes token ids); use "
                   "--prompt-ids and --generate");
   }
-  const std::vector<int32_t> step_sizes = program.input_sizes("step");
-  const std::vector<int32_t> prefill_sizes = program.input_sizes("prefill");
+  const std::vector<int32_t>& step_sizes = step.sizes;
+  const std::vector<int32_t> prefill_sizes = program.input("prefill").sizes;
   if (step_sizes.size() != 2 || step_sizes[0] != 1 || prefill_sizes.size() != 3) {
     throw Failure(options.model + ": expected step to take [1, E] and prefill [1, T, E]");
   }
@@ -365,11 +357,11 @@ int64_t argmax(const executorch::aten::Tensor& logits) {
 }
 
 int run_language_model(Program& program, const Options& options) {
-  if (program.input_dtype("step") != ScalarType::Long) {
+  if (program.input("step").dtype != ScalarType::Long) {
     throw Failure(options.model + ": not a language model (its step takes vectors); use "
                   "--input and --output");
   }
-  const std::vector<int32_t> prefill_sizes = program.input_sizes("prefill");
+  const std::vector<int32_t> prefill_sizes = program.input("prefill").sizes;
   const int64_t longest_prefill = prefill_sizes.size() == 2 ? prefill_sizes[1] : 1;
   const std::vector<int64_t> prompt = parse_ids(options.prompt_ids);
 

@@ -29,6 +29,7 @@ or ``scripts/run.sh edge``, which installs only what export uses). This module i
 ImportError that names the install.
 """
 import copy
+import functools
 import os
 import sys
 import warnings
@@ -197,17 +198,23 @@ class _StatefulCausalLM(_StatefulModel):
         self.position.zero_()
 
 
-def _buffer_layer(lse: Tensor, out: Tensor):
-    """An aaren.hf cache layer starting from (lse, out), that takes the layer's new state
-    without counting tokens as a Python number (which would fix the chunk's length at export:
-    the program counts them in its ``position`` buffer instead)."""
+@functools.lru_cache(maxsize=None)
+def _buffer_layer_class():
+    """An aaren.hf cache layer that takes the layer's new state without counting tokens as a
+    Python number (which would fix the chunk's length at export: the program counts them in
+    its ``position`` buffer instead). Made on first use: aaren.hf imports transformers."""
     from .hf import AarenLayer
 
     class _BufferLayer(AarenLayer):
         def set_state(self, state: State, new_tokens) -> None:
             self.lse, self.out = state
 
-    layer = _BufferLayer()
+    return _BufferLayer
+
+
+def _buffer_layer(lse: Tensor, out: Tensor):
+    """A `_buffer_layer_class` layer starting from the state (lse, out)."""
+    layer = _buffer_layer_class()()
     layer.lse, layer.out = lse, out
     layer.is_initialized = True
     return layer
@@ -237,8 +244,8 @@ def _transformers_model(model: nn.Module) -> bool:
 
 
 def _core_of(model: nn.Module):
-    """(the stateful core, the width or vocabulary of its inputs, whether it takes token ids)
-    for an AarenEncoder, a converted nn.TransformerEncoder or a converted causal LM."""
+    """(the stateful core, the width E of its inputs (None for token ids), whether it takes
+    token ids) for an AarenEncoder, a converted nn.TransformerEncoder or a converted causal LM."""
     if _transformers_model(model):
         from .hf import _AarenHFAttention
         attention = [m for m in model.modules() if isinstance(m, _AarenHFAttention)]
