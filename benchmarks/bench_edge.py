@@ -2,9 +2,10 @@
 1, 1k and 8k tokens, peak memory, bytes on disk, and the floor of the step's arithmetic.
 
 For each size (E=64, 2 layers, 4 heads; E=256, 4 layers, 8 heads; feed-forward 4E, post-norm,
-ReLU, float32, batch 1), measured side by side in one run, every measured process pinned to
-one CPU (the ExecuTorch runtime sizes its threadpool by the machine's cores and the runner has
-no flag to shrink it: pinned, its XNNPACK work gets one core, as LibTorch's one intra-op thread):
+ReLU, float32, batch 1), measured side by side in one run, on one thread: every ExecuTorch
+process runs its kernels on the calling thread (``--single-thread``, no thread pool), LibTorch
+with one intra-op thread, and every measured process is pinned to one CPU. (The runner's default,
+the runtime's pool of one thread per core, is measured once per round too: "with its pool".)
 
   - Aaren (the product): ``aaren.AarenEncoder(AarenEncoderLayer(E, H, 4E, dropout=0,
     batch_first=True), L)`` in eval mode, exported by ``aaren.edge.export`` (prefill / step /
@@ -320,9 +321,8 @@ PIN: Optional[int] = None  # the one CPU every measured process runs on (main se
 
 
 def run(command: List[str]) -> str:
-    """Runs a measured program pinned to one CPU (``PIN``): its threads share that CPU. (The
-    ExecuTorch runtime starts a threadpool sized by the machine's cores, which the runner
-    offers no flag to shrink: pinned, XNNPACK's work has one core, as LibTorch's one thread.)"""
+    """Runs a measured program pinned to one CPU (``PIN``): its threads, if it has several,
+    share that CPU."""
     pin = None if PIN is None else (lambda: os.sched_setaffinity(0, {PIN}))
     result = subprocess.run(command, capture_output=True, text=True, preexec_fn=pin)
     if result.returncode != 0:
@@ -349,7 +349,7 @@ def parse_harness(out: str) -> Dict[str, object]:
 def harness(program: str, tokens: int, starts: List[int], window: int, *, method: str = "step",
             jump: bool = False, save: Optional[Tuple[str, int]] = None) -> Dict[str, object]:
     command = [ET_BENCH, program, "--method", method, "--tokens", str(tokens), "--window",
-               str(window), "--windows", ",".join(str(s) for s in starts)]
+               str(window), "--windows", ",".join(str(s) for s in starts), "--single-thread"]
     if jump:
         command.append("--jump")
     if save:
@@ -362,8 +362,10 @@ def saved_pairs(path: str, width: int) -> Tuple[Tensor, Tensor]:
     return data[:, :width].clone(), data[:, width:].clone()
 
 
-def runner(program: str, inputs: str, outputs: str, prefill: int) -> Dict[str, float]:
-    out = run([RUNNER, program, "--input", inputs, "--output", outputs, "--prefill", str(prefill)])
+def runner(program: str, inputs: str, outputs: str, prefill: int, *,
+           single_thread: bool = True) -> Dict[str, float]:
+    out = run([RUNNER, program, "--input", inputs, "--output", outputs, "--prefill", str(prefill)]
+              + (["--single-thread"] if single_thread else []))
     latency = re.search(r"step latency per token: p50 ([0-9.]+) us, p90 ([0-9.]+) us", out)
     rss = re.search(r"peak RSS ([0-9.]+) MiB", out)
     if latency is None or rss is None:
@@ -520,6 +522,7 @@ def measure(width: int, layers: int, heads: int, cfg: dict, work: str, args,
         m["floor"] = after
         m["floor_us"] = statistics.median([before["p50_us"], after["p50_us"]])
         m["runner_all"] = runner(paths["aaren"], inputs["all"], y_path, 0)
+        m["runner_all_pool"] = runner(paths["aaren"], inputs["all"], y_path, 0, single_thread=False)
         m["aaren_harness"] = harness(paths["aaren"], tokens, starts, window)
         if r == 0 or args.kv_every_round:
             for form in kv:
@@ -546,6 +549,8 @@ def measure(width: int, layers: int, heads: int, cfg: dict, work: str, args,
     res["aaren_runner_us"] = [med(lambda m, s=s: m["runner_windows"][s]["p50_us"]) for s in starts]
     res["aaren_runner_all_us"] = med(lambda m: m["runner_all"]["p50_us"])
     res["aaren_runner_rss_mib"] = med(lambda m: m["runner_all"]["peak_rss_mib"])
+    res["aaren_runner_pool_all_us"] = med(lambda m: m["runner_all_pool"]["p50_us"])
+    res["aaren_runner_pool_rss_mib"] = med(lambda m: m["runner_all_pool"]["peak_rss_mib"])
     res["aaren_runner_rss_window_mib"] = [med(lambda m, s=s: m["runner_windows"][s]["peak_rss_mib"])
                                           for s in starts]
     res["aaren_harness_us"] = [med(lambda m, s=s: m["aaren_harness"]["windows"][s]) for s in starts]
@@ -655,7 +660,9 @@ def report(results: List[Dict[str, object]], args, bytes_info: Dict[str, object]
                         f"allocated for {r['context']} tokens)"))
         extra = ["bench_edge_et's Aaren step / floor: " +
                  ", ".join(f"{x:.2f}x" for x in r["harness_floor_ratio"])]
-        extra.append(f"runner p50 over {r['context']} steps from token 1: {r['aaren_runner_all_us']:.1f} us")
+        extra.append(f"runner p50 over {r['context']} steps from token 1: {r['aaren_runner_all_us']:.1f} us "
+                     f"(with its pool, the default: {r['aaren_runner_pool_all_us']:.1f} us, peak RSS "
+                     f"{r['aaren_runner_pool_rss_mib']:.1f} MiB)")
         if "libtorch_us" in r:
             extra.append("LibTorch step / runner step: " + ", ".join(
                 f"{lt / a:.2f}x" for lt, a in zip(r["libtorch_us"], r["aaren_runner_us"])))
@@ -713,7 +720,7 @@ def main() -> int:
     if hasattr(os, "sched_getaffinity"):
         PIN = max(os.sched_getaffinity(0))
     print(f"torch {torch.__version__}, executorch {aaren.edge.EXECUTORCH_VERSION}, batch 1, one "
-          f"thread / one CPU (every measured process pinned to CPU {PIN}); windows of "
+          f"thread (ExecuTorch: --single-thread), every measured process pinned to CPU {PIN}; windows of "
           f"{cfg['window']} tokens starting at {cfg['starts']}", flush=True)
 
     failures: List[str] = []

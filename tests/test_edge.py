@@ -10,6 +10,7 @@ unless AAREN_REQUIRE_EDGE=1 (CI's newest leg), where its absence fails.
 import ctypes
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -85,10 +86,11 @@ def python_stream(encoder, x, prefill, chunk):
         encoder, x, prefill, chunk)
 
 
-def runner_outputs(tmp_path, program, x, prefill):
+def runner_outputs(tmp_path, program, x, prefill, *options):
     inputs, outputs = tmp_path / "x.f32", tmp_path / "y.f32"
     x.numpy().astype("<f4").tofile(inputs)
-    result = run_runner(program, "--input", inputs, "--output", outputs, "--prefill", prefill)
+    result = run_runner(program, "--input", inputs, "--output", outputs, "--prefill", prefill,
+                        *options)
     assert result.returncode == 0, result.stderr
     assert "step latency per token" in result.stdout and "peak RSS" in result.stdout
     return torch.from_numpy(np.fromfile(outputs, dtype="<f4").reshape(x.shape)), result.stdout
@@ -261,6 +263,21 @@ def test_runner_equals_the_python_step_loop(encoder_program, tmp_path, prefill):
     # 40 and 57 tokens of prefill are several chunks of the program's 16.
     assert_relative(got, python_stream(encoder, x, prefill, chunk=16))
     assert f"prefill {prefill} in" in stdout
+
+
+@needs_executorch
+def test_runner_single_thread(encoder_program, tmp_path):
+    """--single-thread: one thread in the process (no pool), the same outputs as the default
+    run (the pool splits the products' rows, not their sums) and as the Python stream."""
+    encoder, path, _ = encoder_program
+    x = torch.randn(30, 32)
+    pooled, pooled_stdout = runner_outputs(tmp_path, path, x, 5)
+    single, stdout = runner_outputs(tmp_path, path, x, 5, "--single-thread")
+    assert re.search(r"threads 1\n", stdout), stdout
+    if (os.cpu_count() or 1) > 1:
+        assert not re.search(r"threads 1\n", pooled_stdout), pooled_stdout
+    assert torch.equal(single, pooled)
+    assert_relative(single, python_stream(encoder, x, 5, chunk=16))
 
 
 @needs_executorch

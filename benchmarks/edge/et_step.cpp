@@ -3,6 +3,7 @@
 //
 //   bench_edge_et MODEL.pte [--method step] [--tokens N] [--windows 0,1024,8128] [--window 64]
 //                           [--reset METHOD] [--jump] [--save FILE --save-calls K]
+//                           [--single-thread]
 //
 // Every method of the program is loaded up front (they share their mutable buffers and
 // memory arenas, as in aaren_runner); METHOD (default: "reset" when the program has one) is
@@ -18,9 +19,11 @@
 // resident set from /proc/self/status (VmRSS after loading, after the first call and at the
 // end; VmHWM: the peak; RssAnon and RssFile at the end) and its threads. --save: the first K
 // calls' x and output, float32 [K, 2E] (x, then y), for checking the program against the model
-// in Python. Errors: one line on stderr, exit 1.
+// in Python. --single-thread: every kernel on the calling thread, as aaren_runner's option of
+// the same name (no thread pool). Errors: one line on stderr, exit 1.
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/extension/threadpool/threadpool_guard.h>
 #include <executorch/runtime/platform/runtime.h>
 
 #include <algorithm>
@@ -28,6 +31,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -57,7 +61,7 @@ using aaren::edge::status_mib;
 int run(int argc, char** argv) {
   std::string model, method = "step", reset, save;
   long save_calls = 0;
-  bool jump = false;
+  bool jump = false, single_thread = false;
   long tokens = 256, window = 64;
   std::vector<long> windows{0};
   for (int i = 1; i < argc; ++i) {
@@ -84,16 +88,23 @@ int run(int argc, char** argv) {
       save_calls = std::stol(value());
     } else if (arg == "--jump") {
       jump = true;
+    } else if (arg == "--single-thread") {
+      single_thread = true;
     } else if (!arg.empty() && arg[0] != '-' && model.empty()) {
       model = arg;
     } else {
       throw std::runtime_error("usage: bench_edge_et MODEL.pte [--method M] [--tokens N] "
                                "[--windows 0,1024] [--window W] [--reset METHOD] [--jump] "
-                               "[--save FILE --save-calls K]");
+                               "[--save FILE --save-calls K] [--single-thread]");
     }
   }
   if (model.empty() || tokens < 1 || window < 1) {
     throw std::runtime_error("give a program, --tokens >= 1 and --window >= 1");
+  }
+  // Held until the end of run(): loading and every call happen on this thread.
+  std::optional<executorch::extension::threadpool::NoThreadPoolGuard> no_pool;
+  if (single_thread) {
+    no_pool.emplace();
   }
   executorch::runtime::runtime_init();
   Module module(model, Module::LoadMode::Mmap, nullptr, nullptr, nullptr,

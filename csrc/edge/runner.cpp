@@ -10,9 +10,15 @@
 // the program's longest prefill, the rest one at a time through `step`. Language models: the
 // prompt through `prefill`, then N tokens by greedy decoding, each fed back through `step`;
 // the generated ids are printed. Both print the step's per-token latency (p50, p90), the
-// prefill's time and the process's peak RSS. Bad input gets one line on stderr and exit 1.
+// prefill's time, the process's peak RSS and its threads. Bad input gets one line on stderr and exit 1.
+//
+// --single-thread runs every kernel on the calling thread (ExecuTorch's NoThreadPoolGuard, held
+// while the program loads and runs): the XNNPACK delegate then gets no thread pool. The default
+// is the runtime's pool, one thread per core. For a step's matrix-vector products on a few
+// hundred weights a pool costs more in wake-ups than it gains (docs/edge.md measures both).
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/extension/threadpool/threadpool_guard.h>
 #include <executorch/runtime/platform/platform.h>
 #include <executorch/runtime/platform/runtime.h>
 
@@ -28,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -100,6 +107,7 @@ struct Options {
   std::string model, input, output, prompt_ids;
   long prefill = 0;
   long generate = -1;
+  bool single_thread = false;
 };
 
 long parse_count(const std::string& flag, const char* text) {
@@ -115,7 +123,7 @@ long parse_count(const std::string& flag, const char* text) {
 Options parse(int argc, char** argv) {
   const std::string usage =
       "usage: aaren_runner MODEL.pte --input X.f32 --output Y.f32 [--prefill K] | "
-      "aaren_runner MODEL.pte --prompt-ids 1,2,3 --generate N  [--verbose]";
+      "aaren_runner MODEL.pte --prompt-ids 1,2,3 --generate N  [--single-thread] [--verbose]";
   Options options;
   std::set<std::string> given;
   for (int i = 1; i < argc; ++i) {
@@ -139,6 +147,8 @@ Options parse(int argc, char** argv) {
       options.prompt_ids = value();
     } else if (arg == "--generate") {
       options.generate = parse_count(arg, value());
+    } else if (arg == "--single-thread") {
+      options.single_thread = true;
     } else if (arg == "--verbose") {
       verbose = true;
     } else if (arg == "--help" || arg == "-h") {
@@ -326,7 +336,8 @@ int run_encoder(Program& program, const Options& options) {
               static_cast<long long>(tokens), static_cast<long long>(width),
               static_cast<long long>(options.prefill), prefill_us / 1000.0, step_us.size());
   print_step_latency(step_us);
-  std::printf("peak RSS %.1f MiB\n", aaren::edge::status_mib("VmHWM"));
+  std::printf("peak RSS %.1f MiB, threads %.0f\n", aaren::edge::status_mib("VmHWM"),
+              aaren::edge::status_value("Threads"));
   return 0;
 }
 
@@ -400,7 +411,8 @@ int run_language_model(Program& program, const Options& options) {
   std::printf("\nprompt %zu tokens: prefill %.3f ms; step %zu\n", prompt.size(),
               prefill_us / 1000.0, step_us.size());
   print_step_latency(step_us);
-  std::printf("peak RSS %.1f MiB\n", aaren::edge::status_mib("VmHWM"));
+  std::printf("peak RSS %.1f MiB, threads %.0f\n", aaren::edge::status_mib("VmHWM"),
+              aaren::edge::status_value("Threads"));
   return 0;
 }
 
@@ -409,6 +421,11 @@ int run_language_model(Program& program, const Options& options) {
 int main(int argc, char** argv) {
   try {
     const Options options = parse(argc, argv);
+    // Thread-local: this thread loads the program and makes every call.
+    std::optional<executorch::extension::threadpool::NoThreadPoolGuard> no_pool;
+    if (options.single_thread) {
+      no_pool.emplace();
+    }
     executorch::runtime::register_pal(
         executorch::runtime::PalImpl::create(keep_log_message, __FILE__));
     executorch::runtime::runtime_init();
