@@ -6,7 +6,11 @@ downloaded). Both models are the same sequence model around the two stacks of
 aaren.baselines (`build_stacks`: same width, depth, heads, layer structure
 and, to within 0.1%, parameter count); only the attention differs: `aaren.AarenEncoder`
 (one learned query per head, a parallel scan) or causal softmax attention with
-`scaled_dot_product_attention(is_causal=True)`. Both are causal.
+`scaled_dot_product_attention(is_causal=True)`. Both are causal. `--models ... no-attention`
+adds the ablation: the Transformer's stack with every attention's output replaced by zeros
+(`aaren.baselines.remove_attention`: the same norms, feed-forward blocks, embedding and head,
+initialized as the Transformer's of the same seed), so that each token's features depend on
+that token alone; it tells how much of a result the attention (either kind) accounts for.
 
 Model: per-channel standardized input -> Linear(channels, E) + sinusoidal positions ->
 dropout -> stack (2 pre-norm layers, 4 heads, E = 64, GELU feed-forward, final LayerNorm) ->
@@ -23,6 +27,7 @@ model selection on the test set). Seeds 0..S-1 (initialization and batch order).
     python examples/classify_timeseries.py                # full run (docs/results.md)
     python examples/classify_timeseries.py --quick        # a few epochs, one dataset, one seed
     python examples/classify_timeseries.py --datasets BasicMotions --seeds 3 --no-forecast
+    python examples/classify_timeseries.py --models aaren transformer no-attention
 """
 import argparse
 import json
@@ -37,9 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aaren.baselines import build_stacks  # the two stacks, as in the streaming benchmark
+from aaren.baselines import build_stacks, remove_attention  # the stacks of the streaming benchmark
 
+# The two attentions compared (every script's default --models), and the ablation that
+# --models also accepts: the Transformer's stack whose attention outputs zeros.
 MODELS = ("aaren", "transformer")
+ABLATION = "no-attention"
+MODEL_CHOICES = MODELS + (ABLATION,)
+LABELS = {"aaren": "Aaren", "transformer": "Transformer", ABLATION: "no attention"}
 
 # The training options of the TSLib-protocol scripts (forecast.py, classify_uea.py), each
 # protocol with its own defaults: name -> type.
@@ -52,13 +62,23 @@ def add_training_arguments(parser, **defaults) -> None:
     """--seeds, --models, one --option per TRAINING_OPTIONS entry (defaults: the protocol's,
     every one given), --threads and --json, on an argparse parser."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    add_models_argument(parser)
     for name, kind in TRAINING_OPTIONS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults.pop(name))
     if defaults:
         raise TypeError(f"add_training_arguments: unknown options {sorted(defaults)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", default=None, help="write the records (a JSON list) here")
+
+
+def add_models_argument(parser) -> None:
+    """--models: any of MODEL_CHOICES, in the order given (default: the two attentions);
+    argparse refuses an unknown name, listing the choices."""
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODEL_CHOICES),
+                        metavar="MODEL",
+                        help=f"any of {', '.join(MODEL_CHOICES)} (default: {' '.join(MODELS)}); "
+                             f"{ABLATION} is the ablation: the transformer's stack with every "
+                             f"attention's output replaced by zeros")
 
 
 def training_config(args) -> dict:
@@ -138,18 +158,34 @@ def sinusoidal_positions(length: int, dim: int) -> Tensor:
     return pe
 
 
+POOLS = ("mean", "last")
+
+
 class SequenceModel(nn.Module):
-    """Input projection + positions -> Aaren or Transformer stack -> a linear head."""
+    """Input projection + positions -> Aaren, Transformer or no-attention stack -> a linear
+    head. `pool` is what `classify` reads: "mean", the mean of the outputs over the valid
+    tokens, or "last", the output at each sequence's last valid token (the only one that has
+    seen the whole sequence; without attention it has seen that token alone)."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, d_model: int = 64,
                  nhead: int = 4, num_layers: int = 2, dropout: float = 0.1, max_len: int = 1024,
-                 dim_feedforward: Optional[int] = None):
+                 dim_feedforward: Optional[int] = None, pool: str = "mean"):
         super().__init__()
-        if kind not in MODELS:
-            raise ValueError(f"kind must be one of {MODELS}, got {kind!r}")
+        if kind not in MODEL_CHOICES:
+            raise ValueError(f"unknown model {kind!r}: expected one of {', '.join(MODEL_CHOICES)}")
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}: expected one of {', '.join(POOLS)}")
+        # Both stacks are always built, so that a seed gives every kind the same draws: the
+        # ablation is the Transformer of the same seed without its attention.
         aaren_stack, transformer, info = build_stacks(d_model, nhead, num_layers, dim_feedforward,
                                                       dropout=dropout)
-        self.encoder = aaren_stack if kind == "aaren" else transformer
+        if kind == "aaren":
+            self.encoder = aaren_stack
+        elif kind == "transformer":
+            self.encoder = transformer
+        else:
+            self.encoder = remove_attention(transformer)
+        self.kind, self.pool = kind, pool
         self.embed = nn.Linear(in_features, d_model)
         self.register_buffer("positions", sinusoidal_positions(max_len, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
@@ -160,8 +196,11 @@ class SequenceModel(nn.Module):
         return self.encoder(self.drop(self.embed(x) + self.positions[:x.size(1)]))
 
     def classify(self, x: Tensor, lengths: Tensor) -> Tensor:
-        """Logits [B, classes] from the mean of the outputs over each sequence's valid tokens."""
+        """Logits [B, classes] from each sequence's valid tokens: their mean (pool "mean") or
+        the last one (pool "last")."""
         h = self.features(x)
+        if self.pool == "last":
+            return self.head(h[torch.arange(h.size(0), device=h.device), lengths - 1])
         valid = (torch.arange(x.size(1), device=x.device) < lengths.unsqueeze(1)).unsqueeze(-1)
         pooled = (h * valid).sum(1) / lengths.unsqueeze(1).to(h.dtype)
         return self.head(pooled)
@@ -324,16 +363,24 @@ def _mean_std(values: List[float]) -> Tuple[float, float]:
 
 
 def classification_table(runs: List[dict]) -> str:
-    lines = ["| dataset | Aaren test accuracy | Transformer test accuracy | params (Aaren / Transformer) |",
-             "|---|---:|---:|---:|"]
+    """One row per dataset, a test-accuracy column per model present in `runs`."""
+    kinds = [k for k in MODEL_CHOICES if any(r["model"] == k for r in runs)]
+    labels = [LABELS[k] for k in kinds]
+    lines = ["| dataset | " + " | ".join(f"{label} test accuracy" for label in labels)
+             + f" | params ({' / '.join(labels)}) |",
+             "|---|" + "---:|" * (len(kinds) + 1)]
     for name in dict.fromkeys(r["dataset"] for r in runs):
         cells, params = [], []
-        for kind in MODELS:
-            accs = [r["test_accuracy"] for r in runs if r["dataset"] == name and r["model"] == kind]
-            mean, std = _mean_std(accs)
-            cells.append(f"{100 * mean:.1f} +- {100 * std:.1f} % (n={len(accs)})")
-            params.append(next(r["params"] for r in runs if r["dataset"] == name and r["model"] == kind))
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {params[0]:,} / {params[1]:,} |")
+        for kind in kinds:
+            rs = [r for r in runs if r["dataset"] == name and r["model"] == kind]
+            if not rs:
+                cells.append("-")
+                params.append("-")
+                continue
+            mean, std = _mean_std([r["test_accuracy"] for r in rs])
+            cells.append(f"{100 * mean:.1f} +- {100 * std:.1f} % (n={len(rs)})")
+            params.append(f"{rs[0]['params']:,}")
+        lines.append(f"| {name} | {' | '.join(cells)} | {' / '.join(params)} |")
     return "\n".join(lines)
 
 
@@ -341,8 +388,11 @@ def forecasting_table(runs: List[dict]) -> str:
     lines = ["| series (held-out points) | model | MSE | MAE |", "|---|---|---:|---:|"]
     for name in dict.fromkeys(r["dataset"] for r in runs):
         horizon = FORECASTING[name][1]
-        for kind, label in zip(MODELS, ("Aaren", "Transformer")):
+        for kind in MODEL_CHOICES:
             rs = [r for r in runs if r["dataset"] == name and r["model"] == kind]
+            if not rs:
+                continue
+            label = LABELS[kind]
             mse, mse_sd = _mean_std([r["mse"] for r in rs])
             mae, mae_sd = _mean_std([r["mae"] for r in rs])
             lines.append(f"| {name} (last {horizon}) | {label} (n={len(rs)}) | "
@@ -358,6 +408,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--datasets", nargs="+", default=list(CLASSIFICATION),
                         choices=list(CLASSIFICATION))
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..S-1 (default 5)")
+    add_models_argument(parser)
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs for every dataset (default: per dataset, see CLASSIFICATION)")
     parser.add_argument("--forecast", nargs="*", default=list(FORECASTING),
@@ -376,7 +427,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     from tqdm import tqdm
     jobs = [(name, kind, seed) for name in args.datasets for seed in range(args.seeds)
-            for kind in MODELS]
+            for kind in args.models]
     runs = []
     started = time.perf_counter()
     data = {name: load_classification(name) for name in args.datasets}
@@ -399,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     forecasts = []
     if not args.no_forecast and args.forecast:
         jobs = [(name, kind, seed) for name in args.forecast for seed in range(args.seeds)
-                for kind in MODELS]
+                for kind in args.models]
         bar = tqdm(jobs, desc="forecasting", unit="run", file=sys.stderr)
         for name, kind, seed in bar:
             bar.set_postfix_str(f"{name} {kind} seed {seed}")

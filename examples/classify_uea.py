@@ -1,5 +1,6 @@
 """UEA multivariate classification with Time-Series-Library's (TSLib) classification recipe:
-Aaren against the same model with causal softmax attention.
+Aaren against the same model with causal softmax attention, and (`--models ...
+no-attention`) against the ablation without attention.
 
 Datasets: Handwriting (3 channels, length 152, 26 classes, 150 train / 850 test cases),
 read from `<data-dir>/classification/Handwriting/Handwriting_{TRAIN,TEST}.ts.gz`, and
@@ -14,6 +15,14 @@ valid (unpadded) steps -> Linear(d_model, classes). Variable-length cases are ri
 both models are causal, so the padding cannot reach the valid steps. Sizes are TSLib's:
 3 layers, d_model 128, d_ff 256, 8 heads, dropout 0.1.
 
+`--models` takes any of aaren, transformer and no-attention (default: the first two).
+no-attention is the ablation: the Transformer's stack with every attention's output
+replaced by zeros (`aaren.baselines.remove_attention`; the rest, and its initialization, the
+Transformer's of the same seed). `--pool last` classifies from the output at each case's
+last valid step instead of the mean over the steps: the causal stacks' last step is the
+only one that has seen the whole case, so everything the classifier knows of the earlier
+steps passed through the attention (without it, the last step alone).
+
 Recipe, the same for both: RAdam (TSLib's classification optimizer), lr 1e-3 held
 constant, batch 16, gradient norm clipped at 4, at most 100 epochs; a stratified 20 %
 validation split is carved from the training cases (per seed, scikit-learn's
@@ -23,6 +32,8 @@ the test accuracy of the best-validation weights. Seeds change the validation sp
 initialization and the batch order.
 
     python examples/classify_uea.py --seeds 0 1 2 3 4 --json uea.json   # docs/results.md
+    python examples/classify_uea.py --datasets JapaneseVowels --models aaren transformer \\
+        no-attention --pool last --seeds 0 1 2 --json uea_last.json
     python examples/classify_uea.py --quick       # pipeline check: one seed, 5 epochs, d_model 32
 """
 import argparse
@@ -44,9 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from classify_timeseries import (MODELS, SequenceModel, add_training_arguments,  # noqa: E402
-                                 as_dataset, load_classification, pad, parameter_count,
-                                 training_config)
+from classify_timeseries import (MODEL_CHOICES, POOLS, SequenceModel,  # noqa: E402
+                                 add_training_arguments, as_dataset, load_classification, pad,
+                                 parameter_count, training_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "..", "shared", "data")
@@ -118,7 +129,8 @@ def train_one(kind: str, data: dict, seed: int, args) -> dict:
 
     torch.manual_seed(seed)
     model = SequenceModel(kind, x_fit.size(2), len(data["classes"]), args.d_model, args.n_heads,
-                          args.e_layers, args.dropout, max_len, dim_feedforward=args.d_ff)
+                          args.e_layers, args.dropout, max_len, dim_feedforward=args.d_ff,
+                          pool=args.pool)
     optimizer = torch.optim.RAdam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(seed)
     best, best_state, bad_epochs = (-1.0, math.inf), None, 0
@@ -157,20 +169,21 @@ def train_one(kind: str, data: dict, seed: int, args) -> dict:
             "best_epoch": 1 + [h[0] for h in val_history].index(best[0]),
             "train_losses": train_losses, "val_history": val_history,
             "cases": {"fit": len(y_fit), "val": len(y_val), "test": len(y_test)},
-            "config": training_config(args)}
+            "config": {"pool": args.pool, **training_config(args)}}
 
 
 def summary(records: List[dict]) -> str:
-    lines = ["| dataset | model | test accuracy | params | train s (mean) | epochs (mean) | n |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| dataset | pool | model | test accuracy | params | train s (mean) | epochs (mean) | n |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for name in dict.fromkeys(r["dataset"] for r in records):
-        for kind in MODELS:
+        for kind in MODEL_CHOICES:
             rs = [r for r in records if r["dataset"] == name and r["model"] == kind]
             if not rs:
                 continue
             accs = [100 * r["test_accuracy"] for r in rs]
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            lines.append(f"| {name} | {kind} | {statistics.fmean(accs):.1f} +- {sd:.1f} % | "
+            pool = rs[0].get("config", {}).get("pool", "mean")
+            lines.append(f"| {name} | {pool} | {kind} | {statistics.fmean(accs):.1f} +- {sd:.1f} % | "
                          f"{rs[0]['params']:,} | {statistics.fmean(r['train_seconds'] for r in rs):.0f} | "
                          f"{statistics.fmean(r['epochs_run'] for r in rs):.0f} | {len(rs)} |")
     return "\n".join(lines)
@@ -184,6 +197,9 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     add_training_arguments(parser, d_model=128, n_heads=8, e_layers=3, d_ff=256, dropout=0.1,
                            lr=1e-3, batch_size=16, epochs=100, patience=10)
+    parser.add_argument("--pool", default="mean", choices=POOLS,
+                        help="mean (default): the mean of the outputs over the valid steps; last: "
+                             "the output at the last valid step alone (see the module docstring)")
     parser.add_argument("--quick", action="store_true",
                         help="pipeline check, not the recipe: 5 epochs, d_model 32, 4 heads, d_ff 64")
     args = parser.parse_args(argv)
@@ -202,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             for kind in args.models:
                 r = train_one(kind, data, seed, args)
                 records.append(r)
-                print(f"  {name} {kind:11s} seed {seed}: test acc {100 * r['test_accuracy']:.1f} % "
+                print(f"  {name} {kind:12s} seed {seed}: test acc {100 * r['test_accuracy']:.1f} % "
                       f"(val {100 * r['val_accuracy']:.1f} %, best epoch {r['best_epoch']} of "
                       f"{r['epochs_run']}), loss {r['train_losses'][0]:.3f} -> "
                       f"{r['train_losses'][-1]:.3f}, {r['train_seconds']:.0f} s", flush=True)

@@ -1,5 +1,6 @@
 """Long-horizon multivariate forecasting under the Time-Series-Library (TSLib) protocol:
-Aaren against a Transformer that differs from it only in the attention.
+Aaren against a Transformer that differs from it only in the attention, and (`--models ...
+no-attention`) against the ablation without attention.
 
 Protocol (Informer / Autoformer / TSLib, as in the data folder's README):
 - chronological splits: ETTh* files 12/4/4 months (8,640 / 2,880 / 2,880 hours), ETTm*
@@ -20,6 +21,24 @@ horizon) along time, per channel. The head is this factorized linear rather than
 Linear(seq_len * d_model, horizon * channels) on the flattened outputs, which would hold
 tens of millions of parameters at the long horizons and dominate CPU training time.
 
+`--head` picks how the forecast is read from the stack's outputs:
+- `time` (the default, above): every input step's output, mapped to the channels, then
+  mixed along time by Linear(seq_len, horizon). This head mixes the window by itself, so a
+  model without attention still sees all of it (a per-step MLP, then a linear map along
+  time, close to DLinear), and the attention adds little to it.
+- `last`: the last input step's output alone -> Linear(d_model, horizon * channels). The
+  stacks are causal, so the last step is the only one that has seen the whole window, and
+  everything the forecast knows of the earlier steps passed through the attention; without
+  it, the forecast sees the last input point and the window's mean and standard deviation
+  (the per-window normalization) only. This is the setting where the sequence mixing, and
+  so the choice of attention, matters.
+
+`--models` takes any of aaren, transformer and no-attention (default: the first two), one
+record each. no-attention is the ablation: the Transformer's stack with every attention's
+output replaced by zeros (`aaren.baselines.remove_attention`); the norms, feed-forward
+blocks, embedding, positions and head are the Transformer's, initialized as those of the
+Transformer of the same seed, and the parameters are the Transformer's less its attention's.
+
 Recipe (TSLib's forecasting defaults): Adam, lr 1e-4, batch 32, at most 10 epochs, the lr
 halved after every epoch from the second on (TSLib's "type1"), early stopping on the
 validation MSE with patience 3, and the test metrics of the best-validation weights.
@@ -28,6 +47,8 @@ must be stated with the results.
 
     python examples/forecast.py --data-path ../shared/data/forecasting/ETTh1.csv.gz \\
         --horizon 336 --seeds 0 1 2 --json etth1_336.json --plot etth1_336.png
+    python examples/forecast.py --data-path ../shared/data/forecasting/ETTh1.csv.gz \\
+        --models aaren transformer no-attention --head last --seeds 0 1 2 --json last.json
     python examples/forecast.py --quick      # a few hundred windows, one epoch, small width
 
 FILE is any CSV in the ETT layout (a `date` column first, the target `OT` last; `.csv` or
@@ -54,14 +75,15 @@ from torch import Tensor, nn
 # The sequence model (embedding, positions, the two stacks) is the one of the
 # small-scale comparison next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from classify_timeseries import (MODELS, SequenceModel, add_training_arguments,  # noqa: E402
-                                 parameter_count, training_config)
+from classify_timeseries import (MODEL_CHOICES, SequenceModel,  # noqa: E402
+                                 add_training_arguments, parameter_count, training_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "..", "shared", "data")
 DEFAULT_FILE = os.path.join(DATA_DIR, "forecasting", "ETTh1.csv.gz")
 SEQ_LEN = 96
 HORIZONS = (96, 192, 336, 720)
+HEADS = ("time", "last")  # --head: see the module docstring
 
 # Where the standard files come from, for the message when one is missing.
 SOURCES = {
@@ -175,22 +197,32 @@ def load_splits(path: str, horizon: int, seq_len: int = SEQ_LEN) -> dict:
 
 
 class Forecaster(nn.Module):
-    """Per-window normalization -> SequenceModel (embedding, positions, the causal stack,
-    Linear(d_model, C) per step) -> Linear(seq_len, horizon) along time -> de-normalization.
-    x [B, seq_len, C] -> [B, horizon, C] (standardized units)."""
+    """Per-window normalization -> SequenceModel (embedding, positions, the causal stack)
+    -> the head -> de-normalization. x [B, seq_len, C] -> [B, horizon, C] (standardized
+    units). Head "time": Linear(d_model, C) per step, then Linear(seq_len, horizon) along
+    time; head "last": Linear(d_model, horizon * C) on the last step's output."""
 
     def __init__(self, kind: str, channels: int, seq_len: int, horizon: int, d_model: int,
-                 nhead: int, num_layers: int, d_ff: int, dropout: float):
+                 nhead: int, num_layers: int, d_ff: int, dropout: float, head: str = "time"):
         super().__init__()
-        self.body = SequenceModel(kind, channels, channels, d_model, nhead, num_layers, dropout,
-                                  seq_len, dim_feedforward=d_ff)
-        self.time = nn.Linear(seq_len, horizon)
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)}")
+        self.head_kind, self.horizon = head, horizon
+        out_features = channels if head == "time" else horizon * channels
+        self.body = SequenceModel(kind, channels, out_features, d_model, nhead, num_layers,
+                                  dropout, seq_len, dim_feedforward=d_ff)
+        self.time = nn.Linear(seq_len, horizon) if head == "time" else None
 
     def forward(self, x: Tensor) -> Tensor:
         mean = x.mean(1, keepdim=True)
         std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5)
-        h = self.body((x - mean) / std)                      # [B, seq_len, C]
-        y = self.time(h.transpose(1, 2)).transpose(1, 2)     # [B, horizon, C]
+        z = (x - mean) / std
+        if self.time is not None:
+            h = self.body(z)                                     # [B, seq_len, C]
+            y = self.time(h.transpose(1, 2)).transpose(1, 2)     # [B, horizon, C]
+        else:
+            h = self.body.features(z)[:, -1]                     # [B, d_model]: the last step
+            y = self.body.head(h).view(x.size(0), self.horizon, x.size(2))
         return y * std + mean
 
 
@@ -220,7 +252,7 @@ def train_one(kind: str, data: dict, horizon: int, seed: int, args,
     channels = len(data["channels"])
     torch.manual_seed(seed)
     model = Forecaster(kind, channels, SEQ_LEN, horizon, args.d_model, args.n_heads,
-                       args.e_layers, args.d_ff, args.dropout)
+                       args.e_layers, args.d_ff, args.dropout, head=args.head)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # TSLib's "type1": epoch e (from 0) runs at lr * 0.5 ** max(0, e - 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 ** max(0, e - 1))
@@ -248,7 +280,7 @@ def train_one(kind: str, data: dict, horizon: int, seed: int, args,
         scheduler.step()
         val = evaluate(model, splits["val"], limit=subsets["val"])[0]
         val_losses.append(val)
-        print(f"  {data['name']} H={horizon} {kind:11s} seed {seed} epoch {epoch + 1}: train "
+        print(f"  {data['name']} H={horizon} {kind:12s} seed {seed} epoch {epoch + 1}: train "
               f"{train_losses[-1]:.4f} val {val:.4f} ({time.perf_counter() - start:.0f} s)",
               file=sys.stderr, flush=True)
         if val < best_val:
@@ -268,13 +300,13 @@ def train_one(kind: str, data: dict, horizon: int, seed: int, args,
             "first_batch_losses": batch_losses[:5], "last_batch_losses": batch_losses[-5:],
             "windows": {k: len(v) for k, v in splits.items()},
             "windows_used": {k: (len(splits[k]) if v is None else len(v)) for k, v in subsets.items()},
-            "config": {"seq_len": SEQ_LEN, **training_config(args)}}, model
+            "config": {"seq_len": SEQ_LEN, "head": args.head, **training_config(args)}}, model
 
 
 def plot_window(models: Dict[str, nn.Module], data: dict, horizon: int, index: int,
                 path: str) -> None:
     """A PNG of one test window: the input and true future of the target channel (last),
-    and each model's forecast."""
+    and each model's forecast (up to three models)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -284,7 +316,7 @@ def plot_window(models: Dict[str, nn.Module], data: dict, horizon: int, index: i
     ax.plot(past, x[0, :, -1].numpy(), color="black", label="input")
     ax.plot(future, y[0, :, -1].numpy(), color="black", linestyle="--", label="truth")
     with torch.no_grad():
-        for (kind, model), color in zip(models.items(), ("tab:red", "tab:blue")):
+        for (kind, model), color in zip(models.items(), ("tab:red", "tab:blue", "tab:green")):
             model.eval()
             ax.plot(future, model(x)[0, :, -1].numpy(), color=color, label=f"{kind} forecast")
     ax.axvline(0, color="gray", linewidth=0.5)
@@ -299,16 +331,17 @@ def plot_window(models: Dict[str, nn.Module], data: dict, horizon: int, index: i
 
 
 def summary(records: List[dict]) -> str:
-    lines = ["| dataset | horizon | model | MSE | MAE | params | train s (mean) | n |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for kind in MODELS:
+    lines = ["| dataset | horizon | head | model | MSE | MAE | params | train s (mean) | n |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for kind in MODEL_CHOICES:
         rs = [r for r in records if r["model"] == kind]
         if not rs:
             continue
         mse = [r["mse"] for r in rs]
         mae = [r["mae"] for r in rs]
         sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-        lines.append(f"| {rs[0]['dataset']} | {rs[0]['horizon']} | {kind} | "
+        head = rs[0].get("config", {}).get("head", "time")
+        lines.append(f"| {rs[0]['dataset']} | {rs[0]['horizon']} | {head} | {kind} | "
                      f"{statistics.fmean(mse):.3f} +- {sd(mse):.3f} | "
                      f"{statistics.fmean(mae):.3f} +- {sd(mae):.3f} | {rs[0]['params']:,} | "
                      f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | {len(rs)} |")
@@ -327,8 +360,13 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                         help="pipeline check, not the protocol: 320 training, 128 validation and "
                              "256 test windows (evenly spaced), one epoch, d_model 32, 4 heads, "
                              "d_ff 64, lr 1e-3")
+    parser.add_argument("--head", default="time", choices=HEADS,
+                        help="time (default): every step's output, then Linear(seq_len, horizon) "
+                             "along time; last: the last step's output alone -> Linear(d_model, "
+                             "horizon * channels), so that only the attention carries the earlier "
+                             "steps to the forecast (see the module docstring)")
     parser.add_argument("--plot", default=None,
-                        help="PNG of the middle test window's forecast (first seed, both models)")
+                        help="PNG of the middle test window's forecast (first seed, every model)")
     args = parser.parse_args(argv)
     if args.horizon <= 0:
         parser.error(f"--horizon must be positive, got {args.horizon}")
@@ -354,7 +392,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             records.append(record)
             if seed == args.seeds[0]:
                 first_models[kind] = model
-            print(f"{data['name']} H={args.horizon} {kind:11s} seed {seed}: test MSE "
+            print(f"{data['name']} H={args.horizon} {kind:12s} seed {seed}: test MSE "
                   f"{record['mse']:.4f} MAE {record['mae']:.4f}, {record['params']:,} params, "
                   f"{record['epochs_run']} epochs (best {record['best_epoch']}), "
                   f"{record['train_seconds']:.0f} s", flush=True)

@@ -8,6 +8,11 @@ on the standard files in ../shared/data with the network blocked:
 - examples/classify_uea.py: Handwriting (from the data folder) and JapaneseVowels (inside
   sktime) load with the standard UEA sizes; a quick run makes the training loss fall for
   both models and keeps the validation split out of training and the test set out of both.
+- the ablation (`--models ... no-attention`, every script): it is the Transformer of the
+  same seed with its attention's output zeroed and nothing else changed, its tokens' features
+  depend on no other token, an unknown model name is refused with the choices; smoke runs of
+  `forecast.py --head last` and `classify_uea.py --pool last` with the three models. These
+  checks of the model need no data file and run without ../shared/data.
 """
 import json
 import math
@@ -21,12 +26,10 @@ from example_scripts import ROOT, load_script
 DATA = os.path.join(ROOT, "..", "shared", "data")
 FORECASTING = os.path.join(DATA, "forecasting")
 
-pytestmark = [
-    pytest.mark.skipif(
-        not os.path.isdir(DATA),
-        reason="the benchmark data folder ../shared/data (relative to the project root) is absent"),
-    pytest.mark.usefixtures("no_network", "one_thread"),
-]
+pytestmark = pytest.mark.usefixtures("no_network", "one_thread")
+needs_data = pytest.mark.skipif(
+    not os.path.isdir(DATA),
+    reason="the benchmark data folder ../shared/data (relative to the project root) is absent")
 
 # TSLib's window counts (train / val / test) at seq_len 96, horizon 96: the numbers its
 # data loaders print for these files.
@@ -47,6 +50,11 @@ def forecast():
 
 
 @pytest.fixture(scope="module")
+def timeseries():
+    return load_script("examples/classify_timeseries.py", "classify_timeseries")
+
+
+@pytest.fixture(scope="module")
 def uea():
     pytest.importorskip("sktime")
     pytest.importorskip("sklearn")
@@ -54,6 +62,7 @@ def uea():
     return load_script("examples/classify_uea.py", "classify_uea_example")
 
 
+@needs_data
 @pytest.mark.parametrize("file", sorted(STANDARD_WINDOWS))
 def test_forecasting_files_give_standard_splits(forecast, file):
     data = forecast.load_splits(os.path.join(FORECASTING, file), horizon=96)
@@ -75,6 +84,7 @@ def test_forecasting_files_give_standard_splits(forecast, file):
     assert torch.equal(last_target[0], series_end)
 
 
+@needs_data
 def test_forecast_quick_end_to_end(forecast, tmp_path):
     out, png = tmp_path / "records.json", tmp_path / "window.png"
     records = forecast.main(["--data-path", os.path.join(FORECASTING, "ETTh1.csv.gz"),
@@ -104,11 +114,13 @@ def test_forecast_missing_file_is_named(forecast, tmp_path):
         forecast.main(["--data-path", str(missing), "--quick"])
 
 
+@needs_data
 def test_forecast_headerless_table_has_no_dates(forecast):
     values, names = forecast.read_table(os.path.join(FORECASTING, "exchange_rate.txt.gz"))
     assert values.shape == (7588, 8) and len(names) == 8
 
 
+@needs_data
 def test_classification_quick_end_to_end(uea, tmp_path):
     out = tmp_path / "uea.json"
     records = uea.main(["--quick", "--json", str(out)])
@@ -129,3 +141,156 @@ def test_classification_quick_end_to_end(uea, tmp_path):
 def test_classification_missing_file_is_named(uea, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Handwriting_TRAIN\.ts\.gz.*UEA"):
         uea.load_uea("Handwriting", str(tmp_path))
+
+
+# --------------------------------------------------------------------------- the ablation
+
+
+def _forecasters(forecast, head, seed=0, **sizes):
+    """The three kinds of Forecaster built from the same seed, in eval mode."""
+    sizes = {"channels": 3, "seq_len": 24, "horizon": 8, "d_model": 32, "nhead": 4,
+             "num_layers": 2, "d_ff": 64, "dropout": 0.1, **sizes}
+    models = {}
+    for kind in ("aaren", "transformer", "no-attention"):
+        torch.manual_seed(seed)
+        models[kind] = forecast.Forecaster(kind, head=head, **sizes).eval()
+    return models
+
+
+@pytest.mark.parametrize("head", ["time", "last"])
+def test_no_attention_is_the_transformer_with_zero_attention(forecast, head):
+    """The ablation is the Transformer of the same seed with every attention's output made
+    zero (its output projection zeroed), and nothing else: same parameters otherwise, same
+    outputs; only the attention's 4 E^2 + 4 E parameters per layer are gone."""
+    models = _forecasters(forecast, head)
+    transformer, ablation = models["transformer"], models["no-attention"]
+    kept = ablation.state_dict()
+    full = transformer.state_dict()
+    assert set(kept) == {k for k in full if ".self_attn." not in k}
+    assert all(torch.equal(kept[k], full[k]) for k in kept)
+    E, layers = 32, 2
+    assert (forecast.parameter_count(transformer) - forecast.parameter_count(ablation)
+            == layers * (4 * E * E + 4 * E))
+    x = torch.randn(5, 24, 3)
+    with torch.no_grad():
+        assert not torch.allclose(transformer(x), ablation(x))  # the attention did something
+        for layer in transformer.body.encoder.layers:
+            layer.self_attn.out_proj.weight.zero_()
+            layer.self_attn.out_proj.bias.zero_()
+        assert torch.equal(transformer(x), ablation(x))
+
+
+def test_no_attention_outputs_zeros_and_mixes_no_tokens(forecast):
+    """Every layer's attention returns zeros of its input's shape (in training mode too, and
+    when streaming); so each token's features depend on that token alone, where both
+    attentions carry the earlier tokens into the later ones."""
+    from aaren.baselines import ZeroAttention
+    torch.manual_seed(0)
+    model = forecast.SequenceModel("no-attention", 3, 2, d_model=32, nhead=4, num_layers=2,
+                                   max_len=24, dim_feedforward=64)
+    seen = []
+    for layer in model.encoder.layers:
+        assert isinstance(layer.self_attn, ZeroAttention)
+        assert not list(layer.self_attn.parameters())
+        layer.self_attn.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    model.train()
+    model.features(torch.randn(4, 24, 3))
+    assert len(seen) == 2
+    for inputs, out in seen:
+        assert out.shape == inputs.shape and not out.any()
+    h, _ = model.encoder.step(torch.randn(4, 32))
+    assert h.shape == (4, 32)
+
+    x = torch.randn(4, 24, 3)
+    changed = x.clone()
+    changed[:, :-1] = torch.randn(4, 23, 3)  # every token but the last one
+    for kind in ("aaren", "transformer", "no-attention"):
+        torch.manual_seed(0)
+        m = forecast.SequenceModel(kind, 3, 2, d_model=32, nhead=4, num_layers=2, max_len=24,
+                                   dim_feedforward=64).eval()
+        with torch.no_grad():
+            same_last = torch.allclose(m.features(x)[:, -1], m.features(changed)[:, -1])
+        assert same_last == (kind == "no-attention"), kind
+
+
+def test_head_last_reads_the_last_step_only(forecast):
+    """--head last: the forecast is a linear map of the last step's output; without attention,
+    a window whose earlier steps change (the last point, the window's mean and standard
+    deviation kept) gets the same forecast, with either attention a different one."""
+    models = _forecasters(forecast, "last")
+    assert models["aaren"].time is None
+    x = torch.randn(5, 24, 3)
+    # another window with the same last point, mean and (population) standard deviation:
+    # permute the earlier points in time
+    y = x.clone()
+    y[:, :-1] = x[:, torch.randperm(23)]
+    assert torch.allclose(x.mean(1), y.mean(1), atol=1e-6)
+    with torch.no_grad():
+        for kind, model in models.items():
+            out = model(x)
+            assert out.shape == (5, 8, 3)
+            assert torch.allclose(out, model(y), atol=1e-5) == (kind == "no-attention"), kind
+
+
+def test_unknown_model_names_are_refused(forecast, uea, timeseries, capsys):
+    for script in (forecast, uea, timeseries):
+        with pytest.raises(SystemExit):
+            script.main(["--models", "aaren", "no-attn", "--quick"])
+        err = capsys.readouterr().err
+        assert "invalid choice: 'no-attn'" in err and "no-attention" in err
+    with pytest.raises(ValueError, match=r"unknown model 'lstm'.*no-attention"):
+        timeseries.SequenceModel("lstm", 3, 2)
+    with pytest.raises(ValueError, match=r"unknown head 'first'"):
+        forecast.Forecaster("aaren", 3, 24, 8, 32, 4, 2, 64, 0.1, head="first")
+
+
+def test_pool_last_reads_each_cases_last_valid_step(timeseries):
+    torch.manual_seed(0)
+    model = timeseries.SequenceModel("transformer", 3, 4, d_model=32, nhead=4, num_layers=2,
+                                     max_len=10, pool="last").eval()
+    x, lengths = torch.randn(3, 10, 3), torch.tensor([10, 4, 7])
+    with torch.no_grad():
+        h = model.features(x)
+        expected = model.head(torch.stack([h[i, n - 1] for i, n in enumerate(lengths.tolist())]))
+        torch.testing.assert_close(model.classify(x, lengths), expected)
+
+
+@needs_data
+def test_forecast_head_last_smoke(forecast, tmp_path):
+    """A seconds-long run of the new setting with the three models: one record each, in the
+    order given, the head in the record's config, finite metrics, the ablation's parameters
+    the Transformer's less its attention's; both attentions' validation MSE falls."""
+    out = tmp_path / "last.json"
+    records = forecast.main(["--data-path", os.path.join(FORECASTING, "ETTh1.csv.gz"),
+                             "--quick", "--head", "last",
+                             "--models", "aaren", "transformer", "no-attention", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(records))
+    assert [r["model"] for r in records] == ["aaren", "transformer", "no-attention"]
+    for r in records:
+        assert REQUIRED_KEYS <= set(r) and r["config"]["head"] == "last"
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("mse", "mae"))
+    params = {r["model"]: r["params"] for r in records}
+    assert params["transformer"] - params["no-attention"] == 2 * (4 * 32 * 32 + 4 * 32)
+    for r in records[:2]:
+        assert r["val_losses"][-1] < r["initial_val_mse"], r["model"]
+
+
+@needs_data
+def test_classification_pool_last_smoke(uea):
+    records = uea.main(["--quick", "--datasets", "JapaneseVowels", "--pool", "last",
+                        "--models", "no-attention", "aaren"])
+    assert [r["model"] for r in records] == ["no-attention", "aaren"]
+    for r in records:
+        assert r["config"]["pool"] == "last"
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and math.isfinite(r["test_loss"])
+    assert records[0]["params"] < records[1]["params"]
+
+
+def test_sktime_script_takes_the_ablation(timeseries):
+    pytest.importorskip("sktime")
+    pytest.importorskip("tqdm")
+    result = timeseries.main(["--datasets", "BasicMotions", "--seeds", "1", "--epochs", "2",
+                              "--no-forecast", "--models", "transformer", "no-attention"])
+    assert [r["model"] for r in result["classification"]] == ["transformer", "no-attention"]
+    table = timeseries.classification_table(result["classification"])
+    assert "no attention test accuracy" in table.splitlines()[0]

@@ -2,6 +2,8 @@
 the same width, depth, heads and layer structure as an `aaren.AarenEncoder`, causal
 self-attention through `scaled_dot_product_attention`, and a key/value cache for streaming.
 Used by benchmarks/bench_streaming.py and examples/classify_timeseries.py (docs/results.md).
+`remove_attention` makes the ablation of the quality benchmarks: the Transformer stack with
+every attention's output replaced by zeros.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -169,6 +171,30 @@ class KVCacheTransformer(nn.Module):
         for layer, cache in zip(self.layers, caches):
             x = layer.step(x, cache)
         return self.norm(x), caches
+
+
+class ZeroAttention(nn.Module):
+    """The ablation's attention: no parameters, and an output of zeros of its input's shape,
+    so that a pre-norm layer becomes x + 0, then + ff(norm2(x)): each token's output then
+    depends on that token alone (no sequence mixing). `step` ignores its cache."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+    def step(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        return torch.zeros_like(x)
+
+
+def remove_attention(stack: KVCacheTransformer) -> KVCacheTransformer:
+    """The ablation, in place: every layer's `self_attn` of a `KVCacheTransformer` becomes a
+    `ZeroAttention`. The norms, feed-forward blocks, residuals, dropout and final LayerNorm,
+    and their parameters (initialization included), are those of `stack`; only the attention's
+    4 E^2 + 4 E parameters per layer are gone. Returns `stack`."""
+    if not isinstance(stack, KVCacheTransformer):
+        raise TypeError(f"remove_attention takes a KVCacheTransformer, got {type(stack).__name__}")
+    for layer in stack.layers:
+        layer.self_attn = ZeroAttention()
+    return stack
 
 
 def aaren_ffn_width(d_model: int, dim_feedforward: int) -> int:
