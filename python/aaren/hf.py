@@ -98,7 +98,10 @@ def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
     if current.shape != (batch_size, q_length):
         raise ValueError(f"Aaren: attention_mask of shape {list(attention_mask.shape)} does not "
                          f"cover the {q_length} current tokens of {batch_size} sequences")
-    if bool(current.all()):
+    # "Nothing padded" is read from the mask's values: not while torch.compile traces, where
+    # it would be a data-dependent branch (a graph break, an error under fullgraph); the mask
+    # is then passed on as it is (all True masks nothing), as HF's own masks do under tracing.
+    if not torch.compiler.is_compiling() and bool(current.all()):
         return None
     return current
 

@@ -6,6 +6,10 @@
 // meta-learning), the same gradients are computed instead from differentiable operations
 // (reverse_scan_gradients below), so that gradients of gradients are exact rather than
 // silently zero. scan_backward called directly has no derivative and says so.
+//
+// Sizes are read as SymInts (sym_size, *_symint): torch.compile traces this backward with
+// symbolic sizes (AOT autograd), and size()/sizes() on such a tensor fixes every dimension
+// to the traced value, so that each new batch size or length would compile again.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -41,7 +45,7 @@ variable_list reverse_scan_gradients(const at::Tensor& scores, const at::Tensor&
                                      const at::Tensor& state_lse, const at::Tensor& state_out,
                                      const at::Tensor& grad_out, const at::Tensor& grad_lse) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
-  const int64_t dim = values.size(3);
+  const c10::SymInt dim = values.sym_size(3);
   const at::Tensor s = scores.to(at::kDouble);
   const at::Tensor v = values.to(at::kDouble);
   const at::Tensor L = lse.to(at::kDouble);
@@ -56,8 +60,8 @@ variable_list reverse_scan_gradients(const at::Tensor& scores, const at::Tensor&
   (void)unused_final;
   const at::Tensor X = reversed.flip({1});
   const at::Tensor suffix_lse = reversed_lse.flip({1});
-  const at::Tensor X_g = X.narrow(-1, 0, dim);
-  const at::Tensor X_rho = X.select(-1, dim);
+  const at::Tensor X_g = X.narrow_symint(-1, 0, dim);
+  const at::Tensor X_rho = X.select_symint(-1, dim);
 
   const at::Tensor weight = at::exp(s + suffix_lse);
   const at::Tensor grad_values = weight.unsqueeze(-1) * X_g;
@@ -65,7 +69,7 @@ variable_list reverse_scan_gradients(const at::Tensor& scores, const at::Tensor&
   variable_list grads{grad_scores.to(scores.scalar_type()), grad_values.to(values.scalar_type()),
                       at::Tensor(), at::Tensor()};
   if (state_lse.defined()) {
-    if (values.size(1) == 0) {
+    if (values.sym_size(1) == 0) {
       grads[2] = at::zeros_like(state_lse);
       grads[3] = at::zeros_like(state_out);
     } else {
@@ -91,11 +95,12 @@ variable_list scan_gradients(const variable_list& saved, at::Tensor grad_out,
   const at::Tensor& values = saved[1];
   const at::Tensor& state_lse = saved[4];
   const at::Tensor& state_out = saved[5];
-  const int64_t length = values.size(1);
+  const c10::SymInt length = values.sym_size(1);
   if (grad_final.defined() && length > 0) {
     const at::Tensor last = grad_final.to(values.scalar_type()).unsqueeze(1);
     // [B, 1, H, D] -> [B, N, H, D], zero but at the last token.
-    const at::Tensor padded = at::constant_pad_nd(last, {0, 0, 0, 0, length - 1, 0});
+    const at::Tensor padded =
+        at::constant_pad_nd_symint(last, {0, 0, 0, 0, length - 1, 0});
     grad_out = grad_out.defined() ? grad_out + padded : padded;
   }
 
