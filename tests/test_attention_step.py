@@ -112,6 +112,29 @@ def test_bad_input_is_refused_with_a_clear_error(change, message):
         torch.ops.aaren.attention_step(*args.values())
 
 
+@pytest.mark.parametrize("name", ["x", "proj_weight", "proj_bias", "out_weight", "out_bias"])
+def test_an_argument_on_another_device_is_refused_by_name(name):
+    """Found by fuzzing: the CPU kernel read weights on another device as host memory."""
+    x, pw, pb, ow, ob, lse, out = make_inputs()
+    args = dict(x=x, proj_weight=pw, proj_bias=pb, out_weight=ow, out_bias=ob, num_heads=H,
+                state_lse=lse, state_out=out)
+    args[name] = args[name].to("meta")
+    message = "proj_weight must be on the device of x" if name == "x" else \
+        f"{name} must be on the device of x \\(cpu\\), got meta"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.aaren.attention_step(*args.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64], ids=str)
+def test_x_in_a_dtype_the_scan_does_not_take_is_named(dtype):
+    """With the weights in that dtype too, the error names x (not the scan's values)."""
+    x, pw, pb, ow, ob, _, _ = make_inputs(state=False)
+    args = [t.to(dtype) for t in (x, pw, pb, ow, ob)]
+    with pytest.raises(TypeError, match="aaren.attention_step: x must be float64, float32, "
+                                        "bfloat16 or float16"):
+        torch.ops.aaren.attention_step(*args, H, None, None)
+
+
 def test_gradients_are_those_of_its_parts():
     inputs = [t.requires_grad_() for t in make_inputs(torch.float64)]
     x, pw, pb, ow, ob, lse, out = inputs

@@ -23,10 +23,11 @@ Gradients in float32 and the half types get, on top of the rule, one rounding of
 the backward subtracts (subtraction_floor: where a gradient is small by cancellation, the
 rule alone fails on about 1.5% of tiny problems; a FINDING test below shows one).
 
-Bugs found by this fuzzing are written down at the end as ordinary tests, each marked
-`xfail(strict=True)` with "BUG" (or "FINDING") in its reason: the hypothesis tests steer
-around them so that they stay green, and a fix turns the reproducer into an unexpected
-pass, which fails the suite until the mark is removed.
+Findings of this fuzzing not fixed yet are written down at the end as ordinary tests, each
+marked `xfail(strict=True)` with "FINDING" in its reason, and a change turns the reproducer
+into an unexpected pass, which fails the suite until the mark is removed. Bugs it found are
+fixed, their reproducers regular tests next to the others of their kind, and the hypothesis
+tests draw those inputs too.
 
 Determinism: derandomize=True and no example database, so CI runs the same examples every
 time. AAREN_FUZZ_SCALE=10 multiplies every test's number of examples (a longer local hunt).
@@ -629,7 +630,8 @@ def test_fuzz_backward(data):
         assert torch.equal(got.nan_to_num(1.0), want.nan_to_num(1.0))
 
 
-INTO_DEFECTS = ["shape", "dtype", "device", "not contiguous", "aliases an input"]
+INTO_DEFECTS = ["shape", "dtype", "device", "not contiguous", "aliases an input",
+                "overlaps another output"]
 
 
 @fuzz(40)
@@ -661,6 +663,18 @@ def test_fuzz_into_outputs(data):
         if t.numel() < 2 or t.size(-1) < 2:
             return
         buffers[name] = strided_last(t)
+    elif defect == "overlaps another output":  # two outputs of one dtype in one storage
+        others = [o for o in sorted(buffers) if o != name and buffers[o].dtype == t.dtype
+                  and buffers[o].numel() > 0]
+        if t.numel() == 0 or not others:
+            return
+        other = data.draw(st.sampled_from(others), label="other buffer")
+        start = data.draw(st.integers(0, t.numel() - 1), label="overlap start")
+        storage = torch.zeros(start + t.numel() + buffers[other].numel(), dtype=t.dtype)
+        buffers[other] = storage[:buffers[other].numel()].view(buffers[other].shape)
+        buffers[name] = storage[start:start + t.numel()].view(t.shape)
+        if start >= buffers[other].numel():  # no element shared after all
+            return
     else:  # shares memory with an input of the same shape and dtype
         candidates = (scores, values, lse0, out0) + ((out, lse) if which == "backward" else ())
         inputs = [i for i in candidates
@@ -673,12 +687,7 @@ def test_fuzz_into_outputs(data):
     else:
         call = lambda: torch.ops.aaren.scan_backward_into(  # noqa: E731
             torch.ones_like(out), None, scores, values, out, lse, lse0, out0, *buffers.values())
-    names = {name}
-    if defect == "aliases an input":
-        # PyTorch's own overlap check: "some elements of the input tensor and the written-to
-        # tensor refer to a single memory location" (it names no argument: see the BUG test)
-        names |= {"refer to a single memory location"}
-    assert_clear_error(call, names, f"{which}_into {name} {defect}")
+    assert_clear_error(call, {name}, f"{which}_into {name} {defect}")
 
 
 # ---------------------------------------------------------------- attention_step
@@ -733,11 +742,10 @@ def attention_step_reference(a, dtype):
 
 
 def attention_step_defect(data, a):
-    """One defect; the names its error may use (None: not applicable). Not drawn, because
-    they are known bugs (the BUG tests at the end): weights, biases or x on another device
-    than the rest, and x with its weights all in a dtype the scan does not take."""
+    """One defect; the names its error may use (None: not applicable)."""
     kind = data.draw(st.sampled_from(["x rank", "num_heads", "weight shape", "bias shape",
-                                      "weight dtype", "state", "state device", "not a tensor"]),
+                                      "weight dtype", "x dtype", "device", "state",
+                                      "state device", "not a tensor"]),
                      label="defect")
     H, E = a["num_heads"], a["x"].size(1)
     if kind == "x rank":
@@ -766,6 +774,19 @@ def attention_step_defect(data, a):
             return None
         other = [d for d in FLOATS + BAD_DTYPES if d != a["x"].dtype]
         a[name] = a[name].to(data.draw(st.sampled_from(other), label="other dtype"))
+        return {name}
+    if kind == "x dtype":  # x and its weights and biases, all in a dtype the scan does not take
+        bad = data.draw(st.sampled_from(BAD_DTYPES), label="bad dtype")
+        for name in ("x", "proj_weight", "proj_bias", "out_weight", "out_bias"):
+            if a[name] is not None:
+                a[name] = a[name].to(bad)
+        return {"x"}
+    if kind == "device":  # one of x, the weights and the biases on another device
+        name = data.draw(st.sampled_from(["x", "proj_weight", "proj_bias", "out_weight", "out_bias"]),
+                         label="moved")
+        if a[name] is None:
+            return None
+        a[name] = to_meta(a[name])
         return {name}
     if kind == "state":
         if a["state_lse"] is None:
@@ -945,8 +966,8 @@ def test_fuzz_aaren_forward(data):
     """Aaren.forward on drawn sizes, dtypes, layouts (batch_first or not, unbatched,
     non-contiguous or expanded input), key_padding_mask (bool/float, fully masked rows)
     and causal attn_masks matches the definition; bad masks and shapes raise naming them.
-    (Not drawn, known bugs tested at the end: masks on another device, an input in another
-    dtype than the module, a mask on the Meta device.)"""
+    An input in another dtype than the module or a key_padding_mask on another device is
+    refused by name; on the Meta device (masks included) the shapes are the CPU's."""
     H = data.draw(st.integers(1, 3), label="H")
     d = data.draw(st.integers(1, 4), label="head dim")
     E = H * d
@@ -970,9 +991,25 @@ def test_fuzz_aaren_forward(data):
         layout_x = x[0]
         layout_kpm = None if kpm is None else kpm[0]
     defect = data.draw(st.sampled_from([None, None, "attn_mask", "kpm shape", "kpm dtype",
-                                        "key shape", "width", "rank"]), label="defect")
+                                        "kpm device", "input dtype", "key shape", "width",
+                                        "rank", "meta"]), label="defect")
     key = value = layout_x
-    if defect == "attn_mask":
+    if defect == "meta":  # a module on Meta (shape inference): any valid mask accepted
+        meta = Aaren(E, H, bias=bias, batch_first=batch_first, device="meta", dtype=dtype)
+        y, _ = meta(to_meta(layout_x), to_meta(key), to_meta(value),
+                    key_padding_mask=to_meta(layout_kpm), attn_mask=to_meta(mask))
+        assert y.shape == layout_x.shape and y.dtype == dtype and y.device.type == "meta"
+        return
+    if defect == "kpm device":
+        if layout_kpm is None:
+            return
+        layout_kpm = to_meta(layout_kpm)
+        wanted = {"key_padding_mask"}
+    elif defect == "input dtype":
+        other = data.draw(st.sampled_from([t for t in FLOATS if t != dtype]), label="input dtype")
+        layout_x = key = value = layout_x.to(other)
+        wanted = {"query", "key", "value", "dtype of"}
+    elif defect == "attn_mask":
         mask = draw_not_causal_mask(data, N, B * H)
         wanted = {"attn_mask"}
     elif defect == "kpm shape":
@@ -1098,7 +1135,7 @@ def test_fuzz_aaren_streaming(data):
     kpm = step_safe_padding(draw_padding_mask(data, B, N, g), plan)
     defect = data.draw(st.sampled_from([None, None, None, "state batch", "state heads",
                                         "state not a pair", "state dtype", "token shape",
-                                        "meta"]), label="defect")
+                                        "token not a tensor", "meta"]), label="defect")
     if defect == "meta":
         meta = Aaren(E, H, batch_first=batch_first, device="meta", dtype=dtype)
         chunk = to_meta(x if batch_first else x.transpose(0, 1))
@@ -1125,6 +1162,8 @@ def test_fuzz_aaren_streaming(data):
         elif defect == "state dtype":
             state = (good_lse.to(torch.int64), good_out)
             wanted = {"state lse"}
+        elif defect == "token not a tensor":
+            token, wanted = token.tolist(), {"x"}
         else:
             token = torch.zeros(B, E + 1, dtype=dtype) if data.draw(st.booleans()) else \
                 torch.zeros(B, 2, E, dtype=dtype)
@@ -1132,6 +1171,8 @@ def test_fuzz_aaren_streaming(data):
         how = data.draw(st.sampled_from(["step", "prefill"]), label="entry")
         if how == "step":
             call = lambda: attn.step(token, state)  # noqa: E731
+        elif defect == "token not a tensor":
+            call = lambda: attn.prefill(token, state)  # noqa: E731
         else:
             chunk = token.unsqueeze(1) if token.dim() == 2 else token
             if defect == "token shape":
@@ -1287,114 +1328,12 @@ def test_fuzz_non_finite_inputs_do_not_crash(data):
     assert all(gr is None or gr.shape == leaf.shape for gr, leaf in zip(grads, leaves))
 
 
-# ---------------------------------------------------------------- BUGS found by the fuzzing
+# ---------------------------------------------------------------- FINDINGS of the fuzzing
 #
 # Regular tests, each a minimal reproducer, marked xfail(strict=True): they document the
-# defect and will fail (XPASS) once it is fixed, so that the mark is removed then.
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: attention_step's CPU kernel does not check that "
-                   "the weights and biases are on x's device; it reads their memory as host "
-                   "memory (garbage from Meta tensors here; a CUDA weight with a CPU x would "
-                   "dereference a device pointer)")
-def test_bug_attention_step_weights_on_another_device():
-    B, E, H = 2, 8, 2
-    x = torch.randn(B, E)
-    proj_weight, out_weight = torch.randn(H + E, E), torch.randn(5, E)
-    for name, args in {
-        "proj_weight": (x, proj_weight.to("meta"), None, out_weight, None),
-        "out_weight": (x, proj_weight, None, out_weight.to("meta"), None),
-    }.items():
-        assert_clear_error(lambda: torch.ops.aaren.attention_step(*args, H, None, None),
-                           {name}, f"attention_step with {name} on meta")
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (unclear error): attention_step with a bias or x on "
-                   "another device than the rest raises PyTorch's 'Tensor on device meta is not "
-                   "on the expected device cpu!', which names no argument")
-def test_bug_attention_step_bias_on_another_device_unclear():
-    B, E, H = 2, 8, 2
-    x, proj_weight, out_weight = torch.randn(B, E), torch.randn(H + E, E), torch.randn(5, E)
-    assert_clear_error(lambda: torch.ops.aaren.attention_step(
-        x, proj_weight, torch.randn(H + E, device="meta"), out_weight, None, H, None, None),
-        {"proj_bias"}, "proj_bias on meta")
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (unclear error): attention_step with x (and the "
-                   "weights) in a dtype the scan does not take names aaren.step's 'values' "
-                   "(integers, complex) or fails in addmm (bool), not x")
-@pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=str)
-def test_bug_attention_step_unsupported_dtype_unclear(dtype):
-    B, E, H = 2, 8, 2
-    args = [t.to(dtype) for t in (torch.randn(B, E), torch.randn(H + E, E), torch.randn(H + E),
-                                  torch.randn(5, E), torch.randn(5))]
-    assert_clear_error(lambda: torch.ops.aaren.attention_step(*args, H, None, None), {"x"},
-                       "attention_step in an unsupported dtype")
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: scan_forward_into accepts output buffers that "
-                   "overlap each other (lse and final_out in one storage) and writes wrong "
-                   "values into them silently; only overlap with the inputs is checked")
-def test_bug_into_outputs_overlapping_each_other():
-    B, N, H, D = 2, 5, 2, 3
-    scores, values = torch.randn(B, N, H), torch.randn(B, N, H, D)
-    buffer = torch.zeros(100, dtype=F64)
-    lse, final_out = buffer[:B * N * H].view(B, N, H), buffer[:B * H * D].view(B, H, D)
-    assert_clear_error(lambda: torch.ops.aaren.scan_forward_into(
-        scores, values, None, None, torch.empty(B, N, H, D), lse, final_out),
-        {"lse", "final_out"}, "overlapping outputs")
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (unclear error): an _into output that shares memory "
-                   "with an input raises PyTorch's 'some elements of the input tensor and the "
-                   "written-to tensor refer to a single memory location', naming neither")
-def test_bug_into_output_aliasing_an_input_unclear():
-    scores, values = torch.randn(2, 5, 2), torch.randn(2, 5, 2, 3)
-    assert_clear_error(lambda: torch.ops.aaren.scan_forward_into(
-        scores, values, None, None, values, torch.empty(2, 5, 2, dtype=F64),
-        torch.empty(2, 2, 3, dtype=F64)), {"out"}, "out aliasing values")
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (unclear error): a causal attn_mask on the Meta "
-                   "device (a module on Meta, as for shape inference) raises 'Tensor.item() "
-                   "cannot be called on meta tensors' instead of being accepted (its values "
-                   "cannot be checked there) or refused by name")
-def test_bug_meta_attn_mask():
-    attn = Aaren(8, 2, batch_first=True, device="meta")
-    x = torch.empty(2, 5, 8, device="meta")
-    mask = torch.ones(5, 5, dtype=torch.bool, device="meta").triu(1)
-    y, _ = attn(x, x, x, attn_mask=mask)
-    assert y.shape == x.shape
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (unclear error): a key_padding_mask on another "
-                   "device than the input raises PyTorch's 'Tensor on device cpu is not on the "
-                   "expected device meta!', which names no argument")
-def test_bug_key_padding_mask_on_another_device_unclear():
-    attn = Aaren(8, 2, batch_first=True)
-    x = torch.randn(2, 5, 8)
-    assert_clear_error(lambda: attn(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool,
-                                                                          device="meta")),
-                       {"key_padding_mask"}, "key_padding_mask on meta")
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (unclear error, minor): Aaren.forward with an input "
-                   "in another dtype than the parameters raises F.linear's 'mat1 and mat2 must "
-                   "have the same dtype' (nn.MultiheadAttention's error is as vague); "
-                   "Aaren.step names x")
-def test_bug_forward_dtype_mismatch_unclear():
-    attn = Aaren(8, 2, batch_first=True)
-    x = torch.randn(2, 5, 8, dtype=F64)
-    assert_clear_error(lambda: attn(x, x, x), {"query", "key", "value", "dtype of"},
-                       "float64 input, float32 module")
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (wrong kind of error): Aaren.step, "
-                   "AarenEncoderLayer.step and AarenEncoder.step given a non-tensor x raise "
-                   "AttributeError ('list' object has no attribute 'dim'), not a TypeError")
-def test_bug_step_non_tensor_token():
-    attn = Aaren(4, 2).eval()
-    assert_clear_error(lambda: attn.step([0.0, 1.0, 2.0, 3.0]), {"x"}, "Aaren.step(list)")
+# behaviour and will fail (XPASS) once it changes, so that the mark is removed then. (The
+# bugs found earlier are fixed; their reproducers are regular tests in test_scan_errors.py,
+# test_attention_step.py and test_module_*.py.)
 
 
 @pytest.mark.xfail(strict=True, reason="FINDING (accuracy at rounding level, not a wrong formula): "

@@ -191,3 +191,17 @@ def test_autocast(device):
         assert all(p.grad is not None and p.grad.dtype == torch.float32
                    for p in attn.parameters())
         attn.zero_grad()
+
+
+def test_input_in_another_dtype_than_the_module_is_named():
+    """Found by fuzzing: it was F.linear's 'mat1 and mat2 must have the same dtype'."""
+    attn = Aaren(8, 2, batch_first=True)
+    x = torch.randn(2, 5, 8, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"query, key and value must have the dtype of the "
+                                        r"module's parameters \(torch.float32\), got torch.float64"):
+        attn(x, x, x)
+    with pytest.raises(RuntimeError, match="Aaren: x must have the dtype"):
+        attn.prefill(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: no error
+        y, _ = attn(x.float(), x.float(), x.float())
+    assert y.shape == x.shape

@@ -163,3 +163,23 @@ def test_hugging_face_style_mask_through_a_converted_encoder(device, dtype):
             close(encoder(x, mask=mask, is_causal=is_causal), y, atol=0, rtol=0)
         with pytest.raises(ValueError, match="causal by construction"):
             encoder(x, mask=_float_mask(causal, -1.0, dtype))
+
+
+def test_causal_attn_mask_on_meta_is_accepted():
+    """Found by fuzzing: a module on Meta (shape inference) with a causal mask raised
+    'Tensor.item() cannot be called on meta tensors'; its values cannot be checked there."""
+    attn = Aaren(8, 2, batch_first=True, device="meta")
+    x = torch.empty(2, 5, 8, device="meta")
+    for mask in (torch.ones(5, 5, dtype=torch.bool, device="meta").triu(1),
+                 torch.zeros(5, 5, device="meta")):
+        y, _ = attn(x, x, x, attn_mask=mask)
+        assert y.shape == x.shape and y.device.type == "meta"
+    with pytest.raises(ValueError, match="attn_mask"):  # the shape is still checked
+        attn(x, x, x, attn_mask=torch.zeros(4, 4, device="meta"))
+
+
+def test_key_padding_mask_on_another_device_is_named():
+    attn = Aaren(8, 2, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be on the input's device \(cpu\), got meta"):
+        attn(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device="meta"))

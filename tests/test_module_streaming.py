@@ -97,3 +97,17 @@ def test_state_size_is_constant_over_10000_steps(device):
         for _ in range(100):
             _, states = encoder.step(x, states)
         assert footprint(states) == after_one * 2
+
+
+def test_step_of_a_non_tensor_is_a_type_error_naming_x():
+    """Found by fuzzing: a list raised AttributeError ('list' object has no attribute 'dim')."""
+    token = [0.0, 1.0, 2.0, 3.0]
+    attn = Aaren(4, 2).eval()
+    layer = AarenEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0, norm_first=True).eval()
+    encoder = AarenEncoder(AarenEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0), 2).eval()
+    for where, call in [("Aaren.step", lambda: attn.step(token)),
+                        ("Aaren.prefill", lambda: attn.prefill(token)),
+                        ("AarenEncoderLayer.step", lambda: layer.step(token)),
+                        ("AarenEncoder.step", lambda: encoder.step(token))]:
+        with pytest.raises(TypeError, match=f"{where}: x must be a Tensor, got list"):
+            call()

@@ -66,3 +66,45 @@ def test_mismatched_devices():
         aaren.scan(s.cpu(), v)
     with pytest.raises(RuntimeError, match="state out must be on the same device as values"):
         aaren.scan(s, v, (l0, o0.cpu()))
+
+
+# ---------------------------------------------------------------- the _into forms' buffers
+
+def test_into_outputs_overlapping_each_other():
+    """Found by fuzzing (test_fuzz_ops.py): lse and final_out in one storage were written
+    over each other silently."""
+    B, N, H, D = 2, 5, 2, 3
+    scores, values = torch.randn(B, N, H), torch.randn(B, N, H, D)
+    buffer = torch.zeros(100, dtype=torch.float64)
+    lse, final_out = buffer[:B * N * H].view(B, N, H), buffer[:B * H * D].view(B, H, D)
+    with pytest.raises(RuntimeError, match="the outputs lse and final_out share memory"):
+        torch.ops.aaren.scan_forward_into(scores, values, None, None, torch.empty(B, N, H, D),
+                                          lse, final_out)
+    # Disjoint parts of one storage are fine.
+    lse, final_out = buffer[:B * N * H].view(B, N, H), buffer[B * N * H:][:B * H * D].view(B, H, D)
+    torch.ops.aaren.scan_forward_into(scores, values, None, None, torch.empty(B, N, H, D),
+                                      lse, final_out)
+    out, want_lse, want_final = torch.ops.aaren.scan_forward(scores, values)
+    torch.testing.assert_close(lse, want_lse)
+    torch.testing.assert_close(final_out, want_final)
+
+
+def test_into_backward_outputs_overlapping_each_other():
+    B, N, H, D = 2, 5, 2, 3
+    scores, values = torch.randn(B, N, H), torch.randn(B, N, H, D)
+    out, lse, _ = torch.ops.aaren.scan_forward(scores, values)
+    grads = torch.empty(B * N * H * D)
+    with pytest.raises(RuntimeError, match="the outputs grad_scores and grad_values share memory"):
+        torch.ops.aaren.scan_backward_into(
+            torch.ones_like(out), None, scores, values, out, lse, None, None,
+            grads[:B * N * H].view(B, N, H), grads.view(B, N, H, D),
+            torch.empty(B, H, dtype=torch.float64), torch.empty(B, H, D, dtype=torch.float64))
+
+
+def test_into_output_aliasing_an_input():
+    """The error names both (it was PyTorch's 'refer to a single memory location')."""
+    scores, values = torch.randn(2, 5, 2), torch.randn(2, 5, 2, 3)
+    with pytest.raises(RuntimeError, match="the output out shares memory with the input values"):
+        torch.ops.aaren.scan_forward_into(scores, values, None, None, values,
+                                          torch.empty(2, 5, 2, dtype=torch.float64),
+                                          torch.empty(2, 2, 3, dtype=torch.float64))

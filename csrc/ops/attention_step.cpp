@@ -46,18 +46,31 @@ void check_attention_step_inputs(const at::Tensor& x, const at::Tensor& proj_wei
   TORCH_CHECK(out_weight.dim() == 2 && out_weight.sym_size(1) == width, op,
               ": out_weight must have shape [E_out, E] with E = ", width, ", got shape ",
               out_weight.sym_sizes());
+  // x's dtype first: with the weights in it too, the scan's check would name its values.
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   op, ": x must be float64, float32, bfloat16 or float16, got ", dtype);
   const auto check_dtype = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name,
-                " must have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have the dtype of x (", dtype,
+                "), got ", t.scalar_type());
+  };
+  // Every tensor on x's device: the CPU kernel reads the weights' memory as host memory.
+  const auto check_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (",
+                x.device(), "), got ", t.device());
   };
   check_dtype(proj_weight, "proj_weight");
   check_dtype(out_weight, "out_weight");
+  check_device(proj_weight, "proj_weight");
+  check_device(out_weight, "out_weight");
   const auto check_bias = [&](const std::optional<at::Tensor>& bias, const char* name,
                               const c10::SymInt& rows) {
     if (bias.has_value() && bias->defined()) {
       TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == rows, op, ": ", name,
                   " must have shape [", rows, "], got shape ", bias->sym_sizes());
       check_dtype(*bias, name);
+      check_device(*bias, name);
     }
   };
   check_bias(proj_bias, "proj_bias", width + num_heads);

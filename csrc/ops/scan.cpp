@@ -6,6 +6,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <iterator>
+
 namespace aaren::ops {
 namespace {
 
@@ -140,15 +142,36 @@ at::Tensor checked_output(const char* op, const std::optional<at::Tensor>& given
   return t;
 }
 
-// Outputs given by the caller must not share memory with any input: the kernels read
-// inputs after writing earlier rows. (Real tensors only: Meta ones have no memory.)
-void check_no_overlap(std::initializer_list<std::optional<at::Tensor>> outputs,
-                      std::initializer_list<std::optional<at::Tensor>> inputs) {
-  for (const auto& output : outputs) {
-    for (const auto& input : inputs) {
-      if (output.has_value() && input.has_value() && input->defined()) {
-        at::assert_no_overlap(*output, *input);
-      }
+// A tensor the overlap check names in its errors (absent or undefined: skipped).
+struct NamedTensor {
+  std::optional<at::Tensor> tensor;
+  const char* name;
+};
+
+bool shares_elements(const NamedTensor& a, const NamedTensor& b) {
+  if (!a.tensor.has_value() || !a.tensor->defined() || !b.tensor.has_value() ||
+      !b.tensor->defined()) {
+    return false;
+  }
+  // As at::assert_no_overlap: layouts too hard to compare (strided inputs) pass.
+  const at::MemOverlapStatus status = at::get_overlap_status(*a.tensor, *b.tensor);
+  return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+}
+
+// Outputs given by the caller must not share memory with each other (the kernels would
+// write one over the other) nor with any input (they read inputs after writing earlier
+// rows). Real tensors only: Meta ones have no memory.
+void check_no_overlap(const char* op, std::initializer_list<NamedTensor> outputs,
+                      std::initializer_list<NamedTensor> inputs) {
+  for (auto output = outputs.begin(); output != outputs.end(); ++output) {
+    for (auto other = std::next(output); other != outputs.end(); ++other) {
+      TORCH_CHECK(!shares_elements(*output, *other), op, ": the outputs ", output->name, " and ",
+                  other->name, " share memory; each needs a buffer of its own");
+    }
+    for (const NamedTensor& input : inputs) {
+      TORCH_CHECK(!shares_elements(*output, input), op, ": the output ", output->name,
+                  " shares memory with the input ", input.name,
+                  "; outputs need buffers of their own");
     }
   }
 }
@@ -169,7 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
                                   {values.sym_size(0), values.sym_size(2), values.sym_size(3)},
                                   state_out_options)};
   if (kernel != nullptr) {
-    check_no_overlap({out, lse, final_out}, {scores, values, state_lse, state_out});
+    check_no_overlap(op, {{out, "out"}, {lse, "lse"}, {final_out, "final_out"}},
+                     {{scores, "scores"}, {values, "values"}, {state_lse, "state_lse"},
+                      {state_out, "state_out"}});
     if (values.size(1) > 0) {
       kernel(args);
     } else if (state.out.has_value()) {  // no tokens: the state stays as it was
@@ -272,9 +297,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
   if (kernel == nullptr) {
     return {args.grad_scores, args.grad_values, grad_state_lse, grad_state_out};
   }
-  check_no_overlap({outputs.grad_scores, outputs.grad_values, outputs.grad_state_lse,
-                    outputs.grad_state_out},
-                   {args.grad_out, args.grad_lse, scores, values, out, lse, state_lse, state_out});
+  check_no_overlap(op,
+                   {{outputs.grad_scores, "grad_scores"}, {outputs.grad_values, "grad_values"},
+                    {outputs.grad_state_lse, "grad_state_lse"},
+                    {outputs.grad_state_out, "grad_state_out"}},
+                   {{args.grad_out, "grad_out"}, {args.grad_lse, "grad_lse"}, {scores, "scores"},
+                    {values, "values"}, {out, "out"}, {lse, "lse"}, {state_lse, "state_lse"},
+                    {state_out, "state_out"}});
   // The kernels write the state's gradients in their own dtypes; converted after.
   args.grad_state_lse = grad_lse0_dtype == kLseDtype
       ? grad_state_lse

@@ -32,8 +32,17 @@ def _check_state(state, op: str) -> None:
         raise TypeError(f"{op}: state must be a pair (lse [B, H], out [B, H, D]) or None, got {kind}")
 
 
+def _check_tensor(x, name: str, where: str) -> None:
+    """A TypeError naming the argument for a non-tensor (a list, say), not an AttributeError
+    from its first tensor method. (TorchScript checks the type itself.)"""
+    if not torch.jit.is_scripting():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{where}: {name} must be a Tensor, got {type(x).__name__}")
+
+
 def _check_token(x: Tensor, embed_dim: Optional[int], where: str) -> None:
     """One token per batch row: x must be [B, E] (E unchecked when embed_dim is None)."""
+    _check_tensor(x, "x", where)
     if x.dim() != 2 or (embed_dim is not None and x.size(-1) != embed_dim):
         raise ValueError(f"{where}: expected x of shape [B, E] with E={embed_dim}, "
                          f"got {list(x.shape)}")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .functional import scan as _scan
 from .functional import step as _step
-from .functional import _check_state, _check_token
+from .functional import _check_state, _check_tensor, _check_token
 from .functional import empty_state as _empty_state
 from . import _fast_step
 
@@ -70,6 +70,9 @@ def _key_padding_to_scores(scores: Tensor, key_padding_mask: Optional[Tensor]) -
     """scores [B, N, H]; key_padding_mask [B, N]: bool (True = ignore) or float (added)."""
     if key_padding_mask is None:
         return scores
+    if key_padding_mask.device != scores.device:
+        raise ValueError(f"Aaren: key_padding_mask must be on the input's device "
+                         f"({scores.device}), got {key_padding_mask.device}")
     if key_padding_mask.dim() != 2 or key_padding_mask.size(0) != scores.size(0) or \
             key_padding_mask.size(1) != scores.size(1):
         raise ValueError(
@@ -100,6 +103,8 @@ def _check_causal_mask(attn_mask: Tensor, n: int) -> None:
         ok = torch.where(later, attn_mask <= _masked_at_or_below(), attn_mask == 0).all()
     else:
         raise TypeError(f"Aaren: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    if attn_mask.device.type == "meta":  # no values to check (shape inference)
+        return
     if torch.jit.is_scripting():
         if not bool(ok):
             raise ValueError(_not_causal_message())
@@ -387,6 +392,19 @@ class Aaren(nn.Module):
         inference path (which Aaren never takes: ``_qkv_same_embed_dim`` is False)."""
         raise RuntimeError("Aaren has no fused attention kernel; merge_masks is not used")
 
+    @torch.jit.unused
+    def _check_input_dtype(self, x: Tensor, name: str) -> None:
+        """The input in the dtype of the projections' weights (under autocast any: F.linear
+        casts): an error naming the input, not F.linear's 'mat1 and mat2 must have the
+        same dtype'."""
+        weight = getattr(self.k_proj, "weight", None)
+        if not isinstance(weight, Tensor) or x.dtype == weight.dtype or \
+                not torch.is_floating_point(weight) or torch.is_autocast_enabled(x.device.type):
+            return
+        # RuntimeError, as F.linear's (and nn.MultiheadAttention's) error was.
+        raise RuntimeError(f"Aaren: {name} must have the dtype of the module's parameters "
+                        f"({weight.dtype}), got {x.dtype}")
+
     # ---------------------------------------------------------------- public API
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
@@ -426,6 +444,8 @@ class Aaren(nn.Module):
             batch_first = True
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
+        if not torch.jit.is_scripting():
+            self._check_input_dtype(key, "query, key and value")
         if attn_mask is not None:
             _check_causal_mask(attn_mask, key.size(1) if batch_first else key.size(0))
         y, _ = self._attend(key, value, key_padding_mask, None, batch_first)
@@ -447,6 +467,9 @@ class Aaren(nn.Module):
         depend on the number of tokens seen. ``state=None`` is the empty
         state (no tokens yet).
         """
+        if not torch.jit.is_scripting():
+            _check_tensor(x, "x", "Aaren.prefill")
+            self._check_input_dtype(x, "x")
         if x.dim() != 3 or x.size(-1) != self.embed_dim:
             raise ValueError(f"Aaren.prefill: expected x of shape "
                              f"{'[B, N, E]' if self.batch_first else '[N, B, E]'} with "
@@ -630,6 +653,8 @@ class AarenEncoderLayer(nn.Module):
     def step(self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
              ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         """One token ``[B, E]``."""
+        if not torch.jit.is_scripting():
+            _check_tensor(x, "x", "AarenEncoderLayer.step")
         attn, new_state = self.self_attn.step(self._attn_input(x), state)
         return self._finish(x, attn), new_state
 
@@ -749,6 +774,8 @@ class AarenEncoder(nn.Module):
              ) -> Tuple[Tensor, List[Tuple[Tensor, Tensor]]]:
         """One token ``[B, E]`` through every layer. For a compiled step without a
         recompile after the first token, see ``compile_step``."""
+        if not torch.jit.is_scripting():
+            _check_tensor(x, "x", "AarenEncoder.step")
         self._check_states(states)
         output = x
         new_states: List[Tuple[Tensor, Tensor]] = []
