@@ -362,13 +362,26 @@ class Aaren(nn.Module):
                 raise ValueError(f"Aaren: with cu_seqlens, key_padding_mask must have shape [T] = "
                                  f"[{scores.size(0)}], got {list(key_padding_mask.shape)}")
             scores = _key_padding_to_scores(scores.unsqueeze(0), key_padding_mask.unsqueeze(0))[0]
-        if not torch.jit.is_scripting():
-            if self.__dict__.get("_context_parallel") is not None:
-                raise NotImplementedError(
-                    "Aaren: packed sequences (cu_seqlens) under aaren.distributed.context_parallel "
-                    "are not supported yet")
-        out, new_state = _scan_varlen(scores, values, cu_seqlens, max_seqlen, state)
+        if torch.jit.is_scripting():
+            out, new_state = _scan_varlen(scores, values, cu_seqlens, max_seqlen, state)
+        else:
+            out, new_state = self._scan_varlen_in_python(scores, values, cu_seqlens, max_seqlen,
+                                                         state)
         return self.out_proj(out.flatten(1)), new_state
+
+    @torch.jit.unused
+    def _scan_varlen_in_python(self, scores: Tensor, values: Tensor, cu_seqlens: Tensor,
+                               max_seqlen: Optional[int], state: Optional[Tuple[Tensor, Tensor]]
+                               ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """`aaren.scan_varlen`, or `aaren.distributed.scan(..., cu_seqlens=...)` under
+        `aaren.distributed.context_parallel`: this rank's tokens of the packed stream, with the
+        global cu_seqlens."""
+        parallel = self.__dict__.get("_context_parallel")
+        if parallel is None:
+            return _scan_varlen(scores, values, cu_seqlens, max_seqlen, state)
+        from ._context_parallel import scan as _context_parallel_scan
+        return _context_parallel_scan(scores, values, state, group=parallel[0],
+                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     @torch.jit.unused
     def _scan_in_python(self, scores: Tensor, values: Tensor,
