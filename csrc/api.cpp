@@ -35,6 +35,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_backward(
   return op.call(grad_out, grad_lse, scores, values, out, lse, state_lse, state_out);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> scan_varlen_forward(
+    const Tensor& scores, const Tensor& values, const Tensor& cu_seqlens,
+    std::optional<c10::SymInt> max_seqlen, const OptionalTensor& state_lse,
+    const OptionalTensor& state_out) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("aaren::scan_varlen_forward", "")
+                             .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                                 const Tensor&, const Tensor&, const Tensor&,
+                                 std::optional<c10::SymInt>, const OptionalTensor&,
+                                 const OptionalTensor&)>();
+  return op.call(scores, values, cu_seqlens, max_seqlen, state_lse, state_out);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> scan_varlen_backward(
+    const OptionalTensor& grad_out, const OptionalTensor& grad_lse, const Tensor& scores,
+    const Tensor& values, const Tensor& cu_seqlens, std::optional<c10::SymInt> max_seqlen,
+    const Tensor& out, const Tensor& lse, const OptionalTensor& state_lse,
+    const OptionalTensor& state_out) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("aaren::scan_varlen_backward", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+              const OptionalTensor&, const OptionalTensor&, const Tensor&, const Tensor&,
+              const Tensor&, std::optional<c10::SymInt>, const Tensor&, const Tensor&,
+              const OptionalTensor&, const OptionalTensor&)>();
+  return op.call(grad_out, grad_lse, scores, values, cu_seqlens, max_seqlen, out, lse, state_lse,
+                 state_out);
+}
+
 std::tuple<Tensor, Tensor, Tensor> step(const Tensor& score, const Tensor& value,
                                         const OptionalTensor& state_lse,
                                         const OptionalTensor& state_out) {
@@ -91,6 +120,18 @@ std::pair<at::Tensor, State> scan(const at::Tensor& scores, const at::Tensor& va
   }
   // A copy, not a view: a state kept for later must not hold on to the whole sequence.
   return {out, State{lse.select(1, -1).clone(), final_out}};
+}
+
+std::pair<at::Tensor, State> scan_varlen(const at::Tensor& scores, const at::Tensor& values,
+                                         const at::Tensor& cu_seqlens,
+                                         std::optional<int64_t> max_seqlen,
+                                         const std::optional<State>& state) {
+  const auto [state_lse, state_out] = unpack(state);
+  const std::optional<c10::SymInt> bound =
+      max_seqlen.has_value() ? std::optional<c10::SymInt>(*max_seqlen) : std::nullopt;
+  auto [out, lse, final_lse, final_out] =
+      ops::scan_varlen_forward(scores, values, cu_seqlens, bound, state_lse, state_out);
+  return {out, State{final_lse, final_out}};
 }
 
 std::pair<at::Tensor, State> step(const at::Tensor& score, const at::Tensor& value,

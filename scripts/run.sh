@@ -146,6 +146,8 @@ run_tests() {
   python benchmarks/bench_context_parallel.py --smoke
   log "step latency benchmark, smoke mode (checks that it runs)"
   python benchmarks/bench_step_cpu.py --smoke
+  log "packed vs padded benchmark, smoke mode (checks the packed outputs against the padded)"
+  python benchmarks/bench_varlen.py --smoke
 }
 
 timed() {  # timed NAME COMMAND...: runs it and reports its wall time

@@ -434,9 +434,108 @@ def suite_dtensor(rank, world):
     print("ok DTensor step; no state", flush=True)
 
 
+
+# ------------------------------------------------------------------ packed sequences
+
+def packed_case(rank, world, lengths, split, state=False, mask=None, dtype=F64, tol=1e-10):
+    """aaren.distributed.scan(..., cu_seqlens=) of the packed tokens split `split` (tokens per
+    rank) against one aaren.scan_varlen over all of them: this rank's outputs, the states after
+    its tokens (after the last rank: every sequence's final state), and the gradients of
+    scores, values and the state (each rank's part of the state's gradient: summed over the
+    ranks, it is the single process's)."""
+    T, N = sum(lengths), len(lengths)
+    assert sum(split) == T
+    torch.manual_seed(7)
+    s = torch.randn(T, H, dtype=F64, device=DEVICE).to(dtype)
+    v = torch.randn(T, H, D, dtype=F64, device=DEVICE).to(dtype)
+    if mask is not None:
+        s[mask[0]:mask[1], 0] = float("-inf")
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    st = (torch.randn(N, H, dtype=F64, device=DEVICE), torch.randn(N, H, D, dtype=F64, device=DEVICE)) \
+        if state else None
+    w = torch.randn(T, H, D, dtype=F64, device=DEVICE).to(dtype)
+    wl, wo = torch.randn(N, H, dtype=F64, device=DEVICE), torch.randn(N, H, D, dtype=F64, device=DEVICE)
+
+    rs, rv = leaf(s), leaf(v)
+    rst = tuple(leaf(t) for t in st) if state else None
+    rout, (rlse, rfin) = aaren.scan_varlen(rs, rv, cu, None, rst)
+    ((rout * w).sum() + (rlse.nan_to_num(neginf=0) * wl).sum() + (rfin * wo).sum()).backward()
+
+    lo, hi = sum(split[:rank]), sum(split[:rank + 1])
+    cs, cv = leaf(s[lo:hi]), leaf(v[lo:hi])
+    cst = tuple(leaf(t) for t in st) if state else None
+    cout, (clse, cfin) = ad.scan(cs, cv, cst, cu_seqlens=cu, max_seqlen=max(lengths))
+    close(cout, rout[lo:hi].detach(), "outputs", tol)
+    loss = (cout * w[lo:hi]).sum()
+    if rank == world - 1:  # the final states, and their gradients, on the last rank
+        close(clse, rlse.detach(), "final lse", tol)
+        close(cfin, rfin.detach(), "final out", tol)
+        loss = loss + (clse.nan_to_num(neginf=0) * wl).sum() + (cfin * wo).sum()
+    else:
+        loss = loss + 0 * (clse.nan_to_num(neginf=0).sum() + cfin.sum())
+    loss.backward()
+    close(cs.grad, rs.grad[lo:hi], "grad scores", tol)
+    close(cv.grad, rv.grad[lo:hi], "grad values", tol)
+    if state:
+        for got, want, what in ((cst[0].grad, rst[0].grad, "grad state lse"),
+                                (cst[1].grad, rst[1].grad, "grad state out")):
+            total = got.clone()
+            dist.all_reduce(total)
+            close(total, want, what, tol)
+
+
+def suite_packed(rank, world):
+    cases = {
+        "sequences crossing the boundary": dict(lengths=[5, 20, 3, 9], split=[17, 20]),
+        "with states": dict(lengths=[5, 20, 3, 9], split=[17, 20], state=True),
+        "a boundary between sequences": dict(lengths=[5, 12, 3, 9], split=[17, 12], state=True),
+        "one sequence over both ranks": dict(lengths=[30], split=[11, 19], state=True),
+        "empty sequences at the ends and the boundary": dict(lengths=[0, 6, 0, 0, 7, 0],
+                                                             split=[6, 7], state=True),
+        "empty first rank": dict(lengths=[4, 0, 8], split=[0, 12], state=True),
+        "empty last rank": dict(lengths=[4, 0, 8], split=[12, 0], state=True),
+        "a mask crossing the boundary": dict(lengths=[25, 6], split=[15, 16], mask=(8, 20)),
+        "float32": dict(lengths=[5, 20, 3, 9], split=[17, 20], state=True, dtype=torch.float32,
+                        tol=1e-5),
+    }
+    for name, kw in cases.items():
+        packed_case(rank, world, **kw)
+        print("ok", name, flush=True)
+
+    # The modules: an encoder on this rank's tokens of the packed stream, the global cu_seqlens.
+    torch.manual_seed(1)
+    ref = encoder()
+    model = copy.deepcopy(ref)
+    ad.context_parallel(model)
+    lengths = [9, 14, 1, 0, 9]
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(lengths), 8, dtype=F64, device=DEVICE)
+    y_ref = ref(x, cu_seqlens=cu)
+    w = torch.randn_like(y_ref)
+    (y_ref * w).sum().backward()
+    y = model(ad.shard_sequence(x, dim=0), cu_seqlens=cu)
+    close(y, ad.shard_sequence(y_ref, dim=0).detach(), "encoder outputs")
+    (y * ad.shard_sequence(w, dim=0)).sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        close(grad, p_ref.grad, f"grad {name}")
+    print("ok context parallel encoder on packed sequences", flush=True)
+
+    # Bad cu_seqlens raise on every rank alike, before the local scan (CPU).
+    if DEVICE.type == "cpu":
+        s, v = torch.randn(3, H, dtype=F64), torch.randn(3, H, D, dtype=F64)
+        try:
+            ad.scan(s, v, cu_seqlens=torch.tensor([0, 4, 5], dtype=torch.int32))
+            raise AssertionError("cu_seqlens not ending at the tokens of all ranks must raise")
+        except RuntimeError as e:
+            assert "end at the tokens of all ranks (6)" in str(e), e
+    print("ok errors", flush=True)
+
+
 SUITES = {"scan": suite_scan, "checkpoint_compile": suite_checkpoint_compile,
           "modules": suite_modules, "data_parallel": suite_data_parallel,
-          "dtensor": suite_dtensor}
+          "dtensor": suite_dtensor, "packed": suite_packed}
 
 
 def main():

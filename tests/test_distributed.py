@@ -68,6 +68,13 @@ def test_scan_exact_against_one_process():
     assert passed(log) == 2 * 15, log
 
 
+def test_packed_sequences_across_ranks():
+    """aaren.distributed.scan(..., cu_seqlens=...): sequences crossing the rank boundary, with
+    states, empty sequences and ranks, masks, float32; the encoder on packed sequences; errors."""
+    log = run_suite("packed")
+    assert passed(log) == 2 * 11, log
+
+
 def test_checkpointing_and_compile():
     log = run_suite("checkpoint_compile")
     assert passed(log) == 2 * 4, log

@@ -101,8 +101,11 @@ def _fix_up(lse_in: Tensor, out_in: Tensor, lse: Tensor, out: Tensor) -> Tensor:
 
 
 def scan(scores: Tensor, values: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None, *,
-         group: Group = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+         group: Group = None, cu_seqlens: Optional[Tensor] = None,
+         max_seqlen: Optional[int] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """`aaren.scan` over a sequence split across the ranks of `group` (context parallelism).
+    With `cu_seqlens`, `aaren.scan_varlen` over packed sequences split across the ranks
+    (`_scan_packed` below).
 
     Each rank passes its contiguous chunk of the sequence, in rank order (rank 0 the first
     tokens); chunks may have any length, 0 included, and different lengths on different
@@ -134,6 +137,8 @@ def scan(scores: Tensor, values: Tensor, state: Optional[Tuple[Tensor, Tensor]] 
     reduce-scatter (a rank that skipped it would leave the others waiting): call backward on
     every rank, and use torch.no_grad() for inference. The math: docs/distributed.md.
     """
+    if cu_seqlens is not None:
+        return _scan_packed(scores, values, cu_seqlens, max_seqlen, state, group)
     pg, rank, world = _resolve(group)
     if state is not None:
         _check_state(state, "aaren.distributed.scan")
@@ -181,6 +186,103 @@ def scan(scores: Tensor, values: Tensor, state: Optional[Tuple[Tensor, Tensor]] 
         out = out + out_in.unsqueeze(1)[:, :0].to(out.dtype)
     final = _combine(lse_in, out_in, summary[0].to(torch.float64),
                      summary[1].to(torch.float64), torch.float64)
+    return out, final
+
+
+def _scan_packed(scores: Tensor, values: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int],
+                 state: Optional[Tuple[Tensor, Tensor]], group: Group
+                 ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """`aaren.scan_varlen` over packed sequences whose tokens are split across the ranks of
+    `group`: rank r holds the contiguous tokens [o_r, o_r + T_r) of the packed stream (in rank
+    order, any T_r, 0 included: e.g. `shard_sequence(x, dim=0)`), and every rank passes the
+    same global `cu_seqlens` [N + 1] (and the same `state`, one per sequence, or None), so that
+    sequences cross rank boundaries freely.
+
+    The segmented scan is the same three steps as the dense one: (1) each rank scans its
+    tokens with the global boundaries moved to its own (clamp(cu_seqlens - o_r, 0, T_r): the N
+    sequences, most of them empty here), sequence i from its initial state on the rank where
+    it starts, else from the empty one; (2) one all-gather of every rank's N states after its
+    tokens (N x H x (D + 1) float64 numbers per rank) and of T_r (for o_r); (3) the incoming
+    state of sequence i on rank r is the ranks before r combined (those before i starts are
+    empty), and only the sequence holding the rank's first token can have one that is not
+    empty: its tokens are fixed up elementwise, as the dense scan's chunk is.
+
+    Returns this rank's outputs [T_r, H, D] and the state of every sequence after this
+    rank's last token (lse [N, H], out [N, H, D]): on the last rank, each sequence's final
+    state. Nothing is read back to the host on CUDA; on the CPU the global cu_seqlens is
+    checked against the total number of tokens on every rank (so that all raise alike,
+    before any rank waits in a collective)."""
+    pg, rank, world = _resolve(group)
+    if state is not None:
+        _check_state(state, "aaren.distributed.scan")
+    if scores.dim() != 2 or values.dim() != 3:
+        raise ValueError(f"aaren.distributed.scan: with cu_seqlens, expected packed scores "
+                         f"[T, H] and values [T, H, D], got {list(scores.shape)} and "
+                         f"{list(values.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"aaren.distributed.scan: cu_seqlens must be the global boundaries "
+                         f"[N + 1], got shape {list(cu_seqlens.shape)}")
+    tokens, heads, dim = values.shape
+    sequences = cu_seqlens.numel() - 1
+    bounds = cu_seqlens.to(torch.int64)
+
+    # This rank's offset o_r: every rank's T_r, gathered (on the device: no host sync).
+    counts = funcol.wait_tensor(_all_gather(
+        torch.tensor([tokens], dtype=torch.int64, device=values.device), 0, pg))
+    offset = counts[:rank].sum()
+    if bounds.device.type == "cpu":  # free to check here, on every rank alike
+        total = int(counts.sum())
+        steps = bounds[1:] - bounds[:-1]
+        if int(bounds[0]) != 0 or bool((steps < 0).any()) or int(bounds[-1]) != total:
+            raise RuntimeError(f"aaren.distributed.scan: cu_seqlens must start at 0, never "
+                               f"decrease and end at the tokens of all ranks ({total}), got "
+                               f"{bounds.tolist()}")
+
+    # 1. The local packed scan: the global boundaries moved to this rank's tokens; a
+    # sequence's initial state enters where it starts (the last rank for those starting at
+    # the very end, with no tokens).
+    local = (bounds - offset).clamp(0, tokens)
+    starts = bounds[:-1]
+    end = offset + tokens
+    enters = (starts >= offset) & (starts < end)
+    if rank == world - 1:
+        enters = enters | (starts >= end)
+    if state is None:
+        local_lse0, local_out0 = None, None
+    else:
+        enters_here = enters.to(state[0].device)
+        local_lse0 = torch.where(enters_here.unsqueeze(-1), state[0].to(torch.float64),
+                                 torch.full_like(state[0], float("-inf"), dtype=torch.float64))
+        local_out0 = torch.where(enters_here.view(-1, 1, 1), state[1].to(torch.float64),
+                                 torch.zeros_like(state[1], dtype=torch.float64))
+    out, lse, final_lse, final_out = torch.ops.aaren.scan_varlen_forward(
+        scores, values, local.to(cu_seqlens.dtype), max_seqlen, local_lse0, local_out0)
+
+    # 2. One all-gather of the N states after this rank's tokens: [W * N, H, D + 1].
+    packed = torch.cat([final_out, final_lse.unsqueeze(-1)], dim=-1)
+    if torch.is_grad_enabled() and not packed.requires_grad:
+        packed = packed + _GRAD_ANCHOR  # every rank takes part in the backward (see scan)
+    gathered = funcol.wait_tensor(_all_gather_autograd(packed, 0, pg))
+    gathered = gathered.view(world, sequences, heads, dim + 1)
+
+    # 3. The incoming states [N, H(, D)]: the ranks before this one combined in order.
+    before = torch.arange(world, device=gathered.device) < rank
+    chunk_lse = torch.where(before.view(world, 1, 1), gathered[..., dim],
+                            torch.full_like(gathered[..., dim], float("-inf")))
+    _, (lse_in, out_in) = _local_scan(chunk_lse.permute(1, 0, 2),
+                                      gathered[..., :dim].permute(1, 0, 2, 3))
+
+    # The fix-up of the tokens of the sequence holding this rank's first token (the others'
+    # incoming states are empty: they start here); the others are left as they are.
+    if tokens > 0:
+        first = (torch.searchsorted(bounds, offset.view(1), right=True) - 1).clamp(0, sequences - 1)
+        continued = torch.arange(tokens, device=out.device) < local.index_select(0, first + 1).to(out.device)
+        fixed = _fix_up(lse_in.index_select(0, first), out_in.index_select(0, first),
+                        lse.unsqueeze(0), out.unsqueeze(0))[0]
+        out = torch.where(continued.view(-1, 1, 1), fixed, out)
+    else:  # keep the (empty) outputs connected to the gathered tensor
+        out = out + out_in[:1, :, :].expand(0, heads, dim).to(out.dtype) if sequences else out
+    final = _combine(lse_in, out_in, final_lse, final_out, torch.float64)
     return out, final
 
 

@@ -116,3 +116,50 @@ def step(score: Tensor, value: Tensor,
             _check_state(state, "aaren.step")
         out, lse, state_out = torch.ops.aaren.step(score, value, state[0], state[1])
     return out, (lse, state_out)
+
+
+def scan_varlen(scores: Tensor, values: Tensor, cu_seqlens: Tensor,
+                max_seqlen: Optional[int] = None,
+                state: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """`scan` over packed sequences of different lengths (flash-attn's varlen layout).
+
+    The N sequences lie one after another along the tokens: sequence i is the tokens
+    ``cu_seqlens[i]:cu_seqlens[i + 1]`` of scores and values, and is scanned on its own (a
+    segmented scan: no token sees another sequence's), from its own initial state
+    ``(state[0][i], state[1][i])`` when `state` is given. Each sequence's outputs are those of
+    ``aaren.scan`` over it alone.
+
+    Args:
+        scores: [T, H], float64, float32, bfloat16 or float16 (T: the tokens of all sequences).
+            A score of -inf masks its token.
+        values: [T, H, D], the dtype of scores, last dimension contiguous.
+        cu_seqlens: [N + 1], int32 or int64, on the device of values: 0, then the cumulative
+            sequence lengths (ending at T). Sequences of no tokens are allowed.
+        max_seqlen: at least the longest sequence's length, or None. On CUDA it sizes the
+            launch without reading cu_seqlens back to the host (no synchronization; the values
+            of cu_seqlens are then not checked); on the CPU it is checked.
+        state: (lse [N, H], out [N, H, D]), one initial state per sequence, or None for
+            empty ones.
+
+    Returns:
+        out [T, H, D] in the dtype of values, and the state after each sequence's last token
+        (lse [N, H] and out [N, H, D], float64; a sequence of no tokens keeps its initial
+        state), of its own storage.
+
+    Raises:
+        RuntimeError / TypeError naming the argument for bad shapes, dtypes, devices, and for
+        cu_seqlens that do not start at 0, decrease or do not end at T (docs/operators.md says
+        which checks run where).
+
+    Differentiable with respect to scores, values and the state, to any order.
+    """
+    if state is None:
+        out, _, final_lse, final_out = torch.ops.aaren.scan_varlen_forward(
+            scores, values, cu_seqlens, max_seqlen, None, None)
+    else:
+        if not torch.jit.is_scripting():
+            _check_state(state, "aaren.scan_varlen")
+        out, _, final_lse, final_out = torch.ops.aaren.scan_varlen_forward(
+            scores, values, cu_seqlens, max_seqlen, state[0], state[1])
+    return out, (final_lse, final_out)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import scan as _scan
+from .functional import scan_varlen as _scan_varlen
 from .functional import step as _step
 from .functional import _check_state, _check_tensor, _check_token
 from .functional import empty_state as _empty_state
@@ -351,6 +352,42 @@ class Aaren(nn.Module):
             y = y.transpose(0, 1)
         return y, new_state
 
+    def _attend_packed(self, key: Tensor, value: Tensor, cu_seqlens: Tensor,
+                       max_seqlen: Optional[int], key_padding_mask: Optional[Tensor],
+                       state: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """key, value: packed sequences [T, E] (sequence i the rows cu_seqlens[i]:cu_seqlens[i+1],
+        ``aaren.scan_varlen``); returns the output [T, E] and the state after each sequence."""
+        weight, bias = self._score_projection()
+        scores = F.linear(key, weight, bias)  # [T, H]
+        values = self.v_proj(value)
+        values = self._drop_tokens(values.view(values.size(0), self.num_heads, self.head_dim))
+        scores = scores.to(values.dtype)
+        if key_padding_mask is not None:
+            if key_padding_mask.dim() != 1 or key_padding_mask.size(0) != scores.size(0):
+                raise ValueError(f"Aaren: with cu_seqlens, key_padding_mask must have shape [T] = "
+                                 f"[{scores.size(0)}], got {list(key_padding_mask.shape)}")
+            scores = _key_padding_to_scores(scores.unsqueeze(0), key_padding_mask.unsqueeze(0))[0]
+        if torch.jit.is_scripting():
+            out, new_state = _scan_varlen(scores, values, cu_seqlens, max_seqlen, state)
+        else:
+            out, new_state = self._scan_varlen_in_python(scores, values, cu_seqlens, max_seqlen,
+                                                         state)
+        return self.out_proj(out.flatten(1)), new_state
+
+    @torch.jit.unused
+    def _scan_varlen_in_python(self, scores: Tensor, values: Tensor, cu_seqlens: Tensor,
+                               max_seqlen: Optional[int], state: Optional[Tuple[Tensor, Tensor]]
+                               ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """`aaren.scan_varlen`, or `aaren.distributed.scan(..., cu_seqlens=...)` under
+        `aaren.distributed.context_parallel`: this rank's tokens of the packed stream, with the
+        global cu_seqlens."""
+        parallel = self.__dict__.get("_context_parallel")
+        if parallel is None:
+            return _scan_varlen(scores, values, cu_seqlens, max_seqlen, state)
+        from ._context_parallel import scan as _context_parallel_scan
+        return _context_parallel_scan(scores, values, state, group=parallel[0],
+                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
     @torch.jit.unused
     def _scan_in_python(self, scores: Tensor, values: Tensor,
                         state: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
@@ -377,14 +414,19 @@ class Aaren(nn.Module):
                              "(the nesting already says which tokens exist)")
         if query.dim() != 3:
             raise ValueError(f"Aaren: expected a nested tensor [batch, *, E], got dim {query.dim()}")
-        lengths = [int(t.size(0)) for t in query.unbind()]
-        padded = query.to_padded_tensor(0.0)
-        n = padded.size(1)
-        positions = torch.arange(n, device=padded.device)
-        padding = positions.unsqueeze(0) >= torch.tensor(lengths, device=padded.device).unsqueeze(1)
-        y, _ = self._attend(padded, padded, padding, None, True)
-        pieces = [y[i, :length] for i, length in enumerate(lengths)]
-        return torch.nested.as_nested_tensor(pieces, layout=query.layout), None
+        if query.layout == torch.jagged and query._ragged_idx == 1 and query._lengths is None:
+            # A jagged tensor is packed already: its values [T, E] and offsets (cu_seqlens).
+            packed, offsets = query.values(), query.offsets()
+            y, _ = self._attend_packed(packed, packed, offsets, None, None, None)
+            return torch.nested.nested_tensor_from_jagged(y, offsets), None
+        # Strided (nn.TransformerEncoder's inference path builds one from a padding mask):
+        # its sequences packed one after another, then the packed scan (no padding).
+        pieces = list(query.unbind())
+        lengths = [int(t.size(0)) for t in pieces]
+        packed = torch.cat(pieces)
+        offsets = torch.tensor([0] + lengths, device=packed.device).cumsum(0)
+        y, _ = self._attend_packed(packed, packed, offsets, max(lengths, default=0), None, None)
+        return torch.nested.as_nested_tensor(list(y.split(lengths)), layout=query.layout), None
 
     def merge_masks(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                     query: Tensor) -> Tuple[Optional[Tensor], Optional[int]]:
@@ -410,7 +452,8 @@ class Aaren(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+                is_causal: bool = False, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """As ``nn.MultiheadAttention.forward``; returns ``(attn_output, None)``.
 
         query: only fixes the shape (``[N, B, E]``, ``[B, N, E]`` if batch_first, or ``[N, E]``
@@ -421,10 +464,31 @@ class Aaren(nn.Module):
         (``[N, N]`` or ``[B * H, N, N]``), else an error. is_causal, need_weights,
         average_attn_weights: accepted, no effect (Aaren is always causal and returns no
         weights).
+
+        Packed sequences of different lengths (flash-attn's varlen layout): with
+        ``cu_seqlens`` [N + 1] (int32 or int64, on the input's device), query, key and value
+        are ``[T, E]``, sequence i the rows ``cu_seqlens[i]:cu_seqlens[i + 1]``, each attended
+        on its own (``aaren.scan_varlen``; ``max_seqlen``, when given, at least the longest
+        sequence); key_padding_mask is then ``[T]``. The output is ``[T, E]``. A nested tensor
+        ``[B, *, E]`` (jagged or strided) is taken the same way, without padding.
         """
         if not torch.jit.is_scripting():
             if query.is_nested or key.is_nested or value.is_nested:
+                if cu_seqlens is not None:
+                    raise ValueError("Aaren: a nested tensor says its sequences itself: no cu_seqlens")
                 return self._forward_nested(query, key, value, key_padding_mask, attn_mask)
+        if cu_seqlens is not None:
+            if query.dim() != 2 or query.shape != key.shape or key.shape != value.shape or \
+                    query.size(-1) != self.embed_dim:
+                raise ValueError(
+                    f"Aaren: with cu_seqlens, query, key and value must be packed sequences "
+                    f"[T, E] with E={self.embed_dim}, got {list(query.shape)}, {list(key.shape)} "
+                    f"and {list(value.shape)}")
+            if attn_mask is not None:
+                raise ValueError("Aaren: with cu_seqlens, attn_mask must be None (each packed "
+                                 "sequence is attended causally on its own)")
+            return self._attend_packed(key, value, cu_seqlens, max_seqlen, key_padding_mask,
+                                       None)[0], None
         if query.dim() not in (2, 3):
             raise ValueError(f"Aaren: expected query of dim 3 (batched) or 2 (unbatched), got "
                              f"shape {list(query.shape)}")
@@ -633,11 +697,14 @@ class AarenEncoderLayer(nn.Module):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
-                src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        """As ``nn.TransformerEncoderLayer.forward`` (src_mask: None or the causal mask)."""
+                src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
+                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+        """As ``nn.TransformerEncoderLayer.forward`` (src_mask: None or the causal mask).
+        With ``cu_seqlens``, src is packed sequences ``[T, E]`` (``Aaren.forward``)."""
         h = self._attn_input(src)
         attn = self.self_attn(h, h, h, key_padding_mask=src_key_padding_mask,
-                              need_weights=False, attn_mask=src_mask, is_causal=is_causal)[0]
+                              need_weights=False, attn_mask=src_mask, is_causal=is_causal,
+                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[0]
         return self._finish(src, attn)
 
     @torch.jit.export
@@ -704,12 +771,15 @@ class AarenEncoder(nn.Module):
 
     def forward(self, src: Tensor, mask: Optional[Tensor] = None,
                 src_key_padding_mask: Optional[Tensor] = None,
-                is_causal: Optional[bool] = None) -> Tensor:
-        """As ``nn.TransformerEncoder.forward`` (mask: None or the causal mask)."""
+                is_causal: Optional[bool] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> Tensor:
+        """As ``nn.TransformerEncoder.forward`` (mask: None or the causal mask). With
+        ``cu_seqlens``, src is packed sequences ``[T, E]`` (``Aaren.forward``)."""
         output = src
         for layer in self.layers:
             output = layer(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
-                           is_causal=is_causal is not None and is_causal)
+                           is_causal=is_causal is not None and is_causal,
+                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if self.norm is not None:
             output = self.norm(output)
         return output

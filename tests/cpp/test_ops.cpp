@@ -147,6 +147,44 @@ TEST(AarenOps, EmptySequenceKeepsTheState) {
   EXPECT_TRUE(torch::isneginf(empty.lse).all().item<bool>());
 }
 
+// The packed scan from C++ (aaren::scan_varlen, its C++ autograd): each sequence as
+// aaren::scan over it alone, values and gradients; an empty sequence keeps its state.
+TEST(AarenOps, PackedSequencesEqualEachSequence) {
+  torch::manual_seed(5);
+  const std::vector<int64_t> lengths = {4, 0, 1, 7};
+  const int64_t T = 12, S = 4;
+  const auto scores = torch::randn({T, H}, f64()).requires_grad_();
+  const auto values = torch::randn({T, H, D}, f64()).requires_grad_();
+  const State state{torch::randn({S, H}, f64()).requires_grad_(),
+                    torch::randn({S, H, D}, f64()).requires_grad_()};
+  const auto cu = torch::tensor({0, 4, 4, 5, 12}, torch::TensorOptions().dtype(torch::kInt32));
+  const auto [out, final_state] = aaren::scan_varlen(scores, values, cu, 7, state);
+  const auto loss = [](const torch::Tensor& o, const State& st) {
+    return (o * o).sum() + st.lse.sin().sum() + st.out.sum();
+  };
+  const auto packed_grads = torch::autograd::grad({loss(out, final_state)},
+                                                  {scores, values, state.lse, state.out});
+  int64_t start = 0;
+  torch::Tensor each_loss = torch::zeros({}, f64());
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t n = lengths[i];
+    const State st{state.lse.narrow(0, i, 1), state.out.narrow(0, i, 1)};
+    const auto [o, f] = aaren::scan(scores.narrow(0, start, n).unsqueeze(0),
+                                    values.narrow(0, start, n).unsqueeze(0), st);
+    EXPECT_TRUE(torch::allclose(out.narrow(0, start, n), o.squeeze(0), 1e-12, 1e-12));
+    EXPECT_TRUE(torch::allclose(final_state.lse[i], f.lse[0], 1e-12, 1e-12));
+    EXPECT_TRUE(torch::allclose(final_state.out[i], f.out[0], 1e-12, 1e-12));
+    each_loss = each_loss + loss(o, f);
+    start += n;
+  }
+  const auto each_grads = torch::autograd::grad({each_loss}, {scores, values, state.lse, state.out});
+  for (size_t k = 0; k < each_grads.size(); ++k) {
+    EXPECT_TRUE(torch::allclose(packed_grads[k], each_grads[k], 1e-10, 1e-12)) << k;
+  }
+  EXPECT_THROW(aaren::scan_varlen(scores, values, torch::tensor({0, 5, 4, 5, 12}).to(torch::kInt32)),
+               c10::Error);
+}
+
 TEST(AarenOps, BuildInfoIsJson) {
   const auto info = aaren::build_info_json();
   EXPECT_EQ(info.front(), '{');

@@ -32,6 +32,16 @@ State empty_state(int64_t batch, int64_t heads, int64_t head_dim, const at::Tens
 std::pair<at::Tensor, State> scan(const at::Tensor& scores, const at::Tensor& values,
                                   const std::optional<State>& state = std::nullopt);
 
+// Packed sequences of different lengths (flash-attn's varlen layout): scores [T, H], values
+// [T, H, D], sequence i the tokens [cu_seqlens[i], cu_seqlens[i + 1]) (cu_seqlens [N + 1], int32
+// or int64, on the values' device), each scanned on its own from its own state (lse [N, H],
+// out [N, H, D]). Returns the outputs [T, H, D] and each sequence's final state. max_seqlen,
+// when given, is at least the longest sequence (CUDA then reads cu_seqlens on the device only).
+std::pair<at::Tensor, State> scan_varlen(const at::Tensor& scores, const at::Tensor& values,
+                                         const at::Tensor& cu_seqlens,
+                                         std::optional<int64_t> max_seqlen = std::nullopt,
+                                         const std::optional<State>& state = std::nullopt);
+
 // One token: score [B, H], value [B, H, D]. Returns its output [B, H, D] (values' dtype) and
 // the new state, which shares no storage with the output.
 std::pair<at::Tensor, State> step(const at::Tensor& score, const at::Tensor& value,
@@ -48,6 +58,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward(
     const at::Tensor& scores, const at::Tensor& values, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& state_lse,
     const std::optional<at::Tensor>& state_out);
+// Packed sequences: (out [T, H, D], lse per token [T, H], final_lse [N, H], final_out [N, H, D]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_varlen_forward(
+    const at::Tensor& scores, const at::Tensor& values, const at::Tensor& cu_seqlens,
+    std::optional<c10::SymInt> max_seqlen, const std::optional<at::Tensor>& state_lse,
+    const std::optional<at::Tensor>& state_out);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_varlen_backward(
+    const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& scores, const at::Tensor& values, const at::Tensor& cu_seqlens,
+    std::optional<c10::SymInt> max_seqlen, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out);
 // (out, the new state's lse, the new state's out).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> step(const at::Tensor& score,
                                                     const at::Tensor& value,

@@ -47,7 +47,9 @@ Plan plan_work(int64_t batch, int64_t length, int64_t heads, int64_t head_dim) {
   // nothing to balance, and one task per batch interleaves all of its heads (measured, one
   // thread, alternated in one process: 1x16384x2x64 and 1x4096x8x64 ran 13% to 44% faster
   // than in two tasks).
-  const int64_t threads = at::get_num_threads();
+  // Inside a parallel region (the packed scan runs short sequences so, one per thread:
+  // scan_varlen_cpu.cpp) at::parallel_for runs inline on this one thread: plan for one.
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t wanted_tasks = threads == 1 ? 1 : 2 * threads;
   const int64_t sequences = std::max<int64_t>(batch * heads, 1);
   int64_t chunks = forced_chunks();

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "ops/cuda/scan_kernels.h"
+#include "ops/cuda/scan_varlen_kernels.h"
 #include "ops/scan.h"
 
 namespace aaren::ops::cuda {
@@ -33,8 +34,21 @@ void scan_backward(const BackwardArgs& args) {
   dispatch_backward(args);
 }
 
+// The packed variable-length scan (scan_varlen.cu).
+void scan_varlen_forward(const VarlenForwardArgs& args) {
+  const c10::cuda::CUDAGuard guard(args.values.device());
+  dispatch_varlen_forward(args);
+}
+
+void scan_varlen_backward(const VarlenBackwardArgs& args) {
+  const c10::cuda::CUDAGuard guard(args.values.device());
+  dispatch_varlen_backward(args);
+}
+
 }  // namespace aaren::ops::cuda
 
 TORCH_LIBRARY_IMPL(aaren, CUDA, m) {
   aaren::ops::register_backend<aaren::ops::cuda::scan_forward, aaren::ops::cuda::scan_backward>(m);
+  aaren::ops::register_varlen_backend<aaren::ops::cuda::scan_varlen_forward,
+                                      aaren::ops::cuda::scan_varlen_backward>(m);
 }
