@@ -37,6 +37,11 @@ std::string build_info_json() {
   json << ", \"cpu_isa_selected\": \"" << ops::cpu::selected_isa() << "\"";
   json << ", \"compiler\": \"" << __VERSION__ << "\"";
   json << ", \"cxx_standard\": " << __cplusplus;
+#ifdef AAREN_SANITIZE
+  json << ", \"sanitizers\": \"" << AAREN_SANITIZE << "\"";  // a test build (scripts/run.sh sanitize)
+#else
+  json << ", \"sanitizers\": null";
+#endif
   json << "}";
   return json.str();
 }

@@ -8,6 +8,10 @@
 #   scripts/run.sh test-oldest  the oldest supported torch ($OLDEST_TORCH_VERSION) in its own
 #                               venv (.venv-torch2.11) and build directory, a CPU-only build,
 #                               and the pytest suite
+#   scripts/run.sh sanitize     builds aaren and the C++ tests with AddressSanitizer and
+#                               UndefinedBehaviorSanitizer (build/sanitize, CPU only) and runs
+#                               CTest (the CUDA emulation included) and the operators' pytest
+#                               files against that build; newest torch only
 #   scripts/run.sh edge         ExecuTorch: installs executorch (only what export uses), builds
 #                               build/edge/aaren_runner (no libtorch) and checks it on a demo
 #                               model (examples/edge_stream.py); newest torch only
@@ -17,7 +21,8 @@
 #                               GPU tests, compute-sanitizer, deploy tests, CUDA benchmark);
 #                               no network needed there, uses that machine's python3 and torch
 #   scripts/run.sh wheels       fills .whl/ with the wheels gpu_check.sh may need there
-# .ci/run runs `test` (which includes `edge`'s install, build and check), then `test-oldest`.
+# .ci/run runs `test` (which includes `edge`'s install, build and check), `sanitize`, then
+# `test-oldest`.
 # Environment: PYTHON (interpreter for the venv, default python3), VENV (default .venv),
 # TORCH_VERSION (default the pinned newest, below), AAREN_BUILD_DIR (CMake build directory,
 # default build/cmake), MAX_JOBS (compile jobs, default 2), TORCH_CUDA_ARCH_LIST (default
@@ -177,12 +182,70 @@ oldest() {
   python -m pytest -q
 }
 
+# scripts/run.sh sanitize: AddressSanitizer and UndefinedBehaviorSanitizer (docs/development.md,
+# "Sanitizers"). Its own CMake build directory (CPU only: the CUDA kernels run sanitized under
+# the host emulation); the sanitized package is laid out in $SANITIZE_BUILD_DIR/python, which
+# the Python tests import (PYTHONPATH) instead of the installed aaren, under libasan (LD_PRELOAD).
+SANITIZE_BUILD_DIR="build/sanitize"
+SANITIZERS="address,undefined"
+# The Python tests that run sanitized: those that call the operators' C++ (CPU kernels, autograd,
+# the step, the state; the lower instruction sets are rerun in subprocesses, sanitized too).
+SANITIZE_PYTESTS=(tests/test_scan_*.py tests/test_cpu_*.py tests/test_attention_step.py
+  tests/test_state.py tests/test_step_fast.py)
+
+build_sanitized() {
+  local dir="$ROOT/$SANITIZE_BUILD_DIR"
+  log "building aaren and the C++ tests with -fsanitize=$SANITIZERS in $SANITIZE_BUILD_DIR (CPU only, MAX_JOBS=$MAX_JOBS)"
+  cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python)" \
+    -DCMAKE_INSTALL_PREFIX="$dir/python/aaren" -DAAREN_BUILD_PYTHON=ON -DAAREN_BUILD_TESTS=ON \
+    -DAAREN_CUDA=OFF -DAAREN_SANITIZE="$SANITIZERS" >/dev/null
+  cmake --build "$dir" -j "$MAX_JOBS"
+  # An importable copy of the package: its Python sources, the sanitized build installed beside them.
+  rm -rf "$dir/python"
+  python -c 'import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns(
+    "__pycache__", "*.so", "lib", "include", "share", "_build_config.py"))' python/aaren "$dir/python/aaren"
+  cmake --install "$dir" >/dev/null
+}
+
+run_sanitized_tests() {
+  local dir="$ROOT/$SANITIZE_BUILD_DIR" preload
+  # Every finding stops the program with its stack (-fno-sanitize-recover=all, halt_on_error).
+  export ASAN_OPTIONS="halt_on_error=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1"
+  export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+  log "C++ tests under the sanitizers (CTest: the C++ tests, the CUDA kernels under emulation)"
+  ctest --test-dir "$dir" --output-on-failure -j "$MAX_JOBS"
+  # python is not instrumented: the AddressSanitizer runtime the library links must be loaded
+  # first, and with it libstdc++, whose __cxa_throw it intercepts (preloaded alone, it finds no
+  # libstdc++ yet and aborts at the first C++ exception: "CHECK failed ... real___cxa_throw").
+  # CPython keeps memory until exit by design: no leak check.
+  local lib="$dir/python/aaren/lib/libaaren_ops.so" asan stdcxx
+  asan="$(ldd "$lib" | awk '$1 ~ /^libasan\.so/ {print $3}')"
+  stdcxx="$(ldd "$lib" | awk '$1 ~ /^libstdc\+\+\.so/ {print $3}')"
+  [ -f "$asan" ] && [ -f "$stdcxx" ] || { echo "error: ldd $lib names no libasan or libstdc++" >&2; exit 1; }
+  preload="$asan $stdcxx"
+  log "pytest under the sanitizers: the operators' tests (LD_PRELOAD=$preload)"
+  # --capture=sys: a sanitizer's report goes to the real stderr (pytest's default capture of
+  # file descriptor 2 would swallow it with the process).
+  LD_PRELOAD="$preload" PYTHONPATH="$dir/python" ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0" \
+    python -c 'import aaren; print("aaren from", aaren.__file__, "sanitizers", aaren.build_info()["sanitizers"]);
+assert aaren.build_info()["sanitizers"], "not the sanitized build"'
+  LD_PRELOAD="$preload" PYTHONPATH="$dir/python" ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0" \
+    python -m pytest -q --capture=sys -p no:cacheprovider "${SANITIZE_PYTESTS[@]}"
+}
+
+sanitize() {
+  setup  # the venv, its tools and GoogleTest (and the regular build, whose aaren CTest's helper imports)
+  timed "sanitized build" build_sanitized
+  timed "sanitized tests" run_sanitized_tests
+}
+
 case "${1:-}" in
   setup) setup ;;
   demo) setup; log "demo"; python examples/train_and_stream.py ;;
   edge) setup; install_edge; build_edge; check_edge ;;
   test) timed "test (torch $TORCH_VERSION)" newest ;;
   test-oldest) timed "test-oldest (torch $OLDEST_TORCH_VERSION)" oldest ;;
+  sanitize) timed "sanitize (torch $TORCH_VERSION)" sanitize ;;
   bench) setup; log "CPU benchmark"; python benchmarks/bench_scan_cpu.py "${@:2}" ;;
-  *) echo "usage: scripts/run.sh {setup|demo|test|test-oldest|edge|bench|gpu [OUT] [--dry-run|--cpu-plumbing]|wheels}" >&2; exit 2 ;;
+  *) echo "usage: scripts/run.sh {setup|demo|test|test-oldest|sanitize|edge|bench|gpu [OUT] [--dry-run|--cpu-plumbing]|wheels}" >&2; exit 2 ;;
 esac

@@ -12,7 +12,7 @@
 // warps / blocks at one call site and nothing deadlocks; that results do not depend on the
 // order of blocks or of threads between barriers (some cases run in reverse order);
 // misaligned vector accesses (the alignment sanitizer, on by default) and out-of-bounds ones
-// (with AAREN_EMULATION_ASAN). Also the float32 accuracy against float64: the forward next
+// (with AAREN_SANITIZE=address). Also the float32 accuracy against float64: the forward next
 // to the CPU kernel's and plain PyTorch's (as tests/test_scan_*.py do on a GPU), and the
 // backward next to the CPU kernel's, up to N = 8192.
 // What it does not check: anything that needs the GPU itself: timing, the real occupancy
