@@ -295,6 +295,12 @@ def test_bad_cu_seqlens_raise_clear_errors(case):
         aaren.scan_varlen(scores, values, cu, max_seqlen)
 
 
+def test_cu_seqlens_as_a_list_gets_a_type_error():
+    scores, values = torch.randn(6, 2), torch.randn(6, 2, 3)
+    with pytest.raises(TypeError, match="cu_seqlens must be a tensor .* got list"):
+        aaren.scan_varlen(scores, values, [0, 2, 6])
+
+
 def test_bad_cu_seqlens_raise_in_backward_too():
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     scores, values = torch.randn(6, 2), torch.randn(6, 2, 3)

@@ -154,6 +154,11 @@ def scan_varlen(scores: Tensor, values: Tensor, cu_seqlens: Tensor,
 
     Differentiable with respect to scores, values and the state, to any order.
     """
+    if not torch.jit.is_scripting() and not isinstance(cu_seqlens, torch.Tensor):
+        # A list would reach the dispatcher, whose message names the schema, not the fix.
+        raise TypeError(f"aaren.scan_varlen: cu_seqlens must be a tensor (int32 or int64, "
+                        f"[N + 1]), got {type(cu_seqlens).__name__}; e.g. "
+                        f"torch.tensor(cu_seqlens, dtype=torch.int32, device=values.device)")
     if state is None:
         out, _, final_lse, final_out = torch.ops.aaren.scan_varlen_forward(
             scores, values, cu_seqlens, max_seqlen, None, None)
