@@ -13,11 +13,12 @@ every prefix, and module projections written out here); each defect drawn (a wro
 size, dtype, device or layout, a half or malformed state, a non-tensor) knows which
 arguments it makes wrong, and the error's message must name one of them.
 
-Here: the settings (`fuzz`), the judging (`assert_matches`, `assert_clear_error`, Meta and
-no-modification checks), the memory layouts, the scan problems with their references and
-defects, and the module references with the masks and streams the module tests draw. The
-helpers of a single test stay next to it in its file (the gradient rule of the backward,
-attention_step's problems, the _into defects).
+Here: the settings (`fuzz`, and `FUZZ_MARKS`: the test modules' warning filters and one
+torch thread), the judging (`assert_matches`, `assert_clear_error`, Meta and no-modification
+checks), the memory layouts, the scan problems with their references and defects, and the
+module references with the masks and streams the module tests draw. The helpers of a single
+test stay next to it in its file (the gradient rule of the backward, attention_step's
+problems, the _into defects).
 
 Determinism: derandomize=True and no example database, so CI runs the same examples every
 time. AAREN_FUZZ_SCALE=10 multiplies every test's number of examples (a longer local hunt).
@@ -25,6 +26,7 @@ time. AAREN_FUZZ_SCALE=10 multiplies every test's number of examples (a longer l
 import math
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, event, settings
@@ -44,6 +46,16 @@ SCALE = float(os.environ.get("AAREN_FUZZ_SCALE", "1"))
 def fuzz(examples):
     return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, derandomize=True,
                     database=None, suppress_health_check=list(HealthCheck))
+
+
+# Both fuzz modules' marks (`pytestmark = FUZZ_MARKS`): the warnings their defects provoke, and
+# conftest.py's one_thread (tiny problems: intra-op threads would only add synchronization on
+# a busy machine).
+FUZZ_MARKS = [
+    pytest.mark.filterwarnings("ignore:enable_nested_tensor is True.*:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Casting complex values to real:UserWarning"),  # dtype defects
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 # ---------------------------------------------------------------- judging

@@ -11,7 +11,6 @@ Covered: `Aaren` forward (key_padding_mask, attn_mask, unbatched, both layouts),
 `AarenEncoderLayer` and `AarenEncoder` forward, `prefill`, `step` (streams mixing both).
 (`AarenEncoder.compile_step` is `step` under torch.compile: test_step_fast.py covers it.)
 """
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,25 +18,13 @@ from torch import nn
 
 import aaren
 from aaren import Aaren, AarenEncoder, AarenEncoderLayer
-from fuzz_strategies import (F64, FLOATS, arrange, assert_clear_error, assert_matches,
+from fuzz_strategies import (F64, FLOATS, FUZZ_MARKS, arrange, assert_clear_error, assert_matches,
                              assert_unchanged, draw_causal_mask, draw_not_causal_mask,
                              draw_padding_mask, draw_stream_plan, fuzz, grown, plain_attention,
                              plain_encoder, plain_layer, size, snapshot, step_safe_padding,
                              stream_through, to_meta)
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:enable_nested_tensor is True.*:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Casting complex values to real:UserWarning"),  # dtype defects
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads would only add synchronization on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = FUZZ_MARKS
 
 
 # ---------------------------------------------------------------- modules: Aaren

@@ -27,27 +27,15 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 import aaren
-from fuzz_strategies import (BAD_DTYPES, F64, FLOATS, INF, STEP_NAMES, arrange, assert_clear_error,
-                             assert_matches, assert_same_metadata, assert_unchanged, device_of,
-                             draw_defects, draw_scan_problem, final_reference, fuzz, grown,
-                             like_on_cpu, on_device, scan_reference, size, snapshot, strided_last,
-                             to_meta)
+from fuzz_strategies import (BAD_DTYPES, F64, FLOATS, FUZZ_MARKS, INF, STEP_NAMES, arrange,
+                             assert_clear_error, assert_matches, assert_same_metadata,
+                             assert_unchanged, device_of, draw_defects, draw_scan_problem,
+                             final_reference, fuzz, grown, like_on_cpu, on_device, scan_reference,
+                             size, snapshot, strided_last, to_meta)
 from naive import naive_scan
 from tolerance import EPS, assert_close_to_reference, error_against, tolerance_for
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:enable_nested_tensor is True.*:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Casting complex values to real:UserWarning"),  # dtype defects
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads would only add synchronization on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = FUZZ_MARKS
 
 
 # ---------------------------------------------------------------- scan and scan_forward
