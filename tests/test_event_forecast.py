@@ -1,4 +1,5 @@
-"""examples/event_forecast.py: event forecasting with neural temporal point processes.
+"""examples/event_forecast.py: event forecasting with neural temporal point processes (its data
+files, intensity family and simulators: examples/event_data.py).
 
 - bad EasyTPP files are refused naming the sequence (index) and the field;
 - the simulators: Hawkes event counts match the stationary rates (I - alpha)^-1 mu and the
@@ -31,6 +32,13 @@ def ef():
     return load_script("examples/event_forecast.py", "event_forecast_example")
 
 
+@pytest.fixture(scope="module")
+def ed(ef):
+    """event_data.py, as the script imports it (one module: its EventDataError is the one the
+    script raises)."""
+    return load_script("examples/event_data.py", "event_data")
+
+
 def good_sequences():
     return [
         {"dim_process": 3, "seq_len": 3, "time_since_start": [0.5, 1.0, 2.5],
@@ -43,12 +51,12 @@ def good_sequences():
 # --------------------------------------------------------------------------- data validation
 
 
-def test_good_file_loads(ef, tmp_path):
+def test_good_file_loads(ed, tmp_path):
     path = tmp_path / "ok.json"
     path.write_text(json.dumps(good_sequences()))
-    data = ef.load_events(str(path))
+    data = ed.load_events(str(path))
     assert data["num_types"] == 3 and len(data["seqs"]) == 2
-    batch = ef.collate(data["seqs"])
+    batch = ed.collate(data["seqs"])
     assert batch["times"].shape == (2, 4) and batch["mask"].sum() == 7
 
 
@@ -85,40 +93,40 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_sequence_names_index_and_field(ef, case):
+def test_bad_sequence_names_index_and_field(ed, case):
     change, field, detail = BAD[case]
-    with pytest.raises(ef.EventDataError, match=rf"f\.json: sequence 1, field '{field}'.*{detail}"):
-        ef.check_sequences(_broken(change), "f.json")
+    with pytest.raises(ed.EventDataError, match=rf"f\.json: sequence 1, field '{field}'.*{detail}"):
+        ed.check_sequences(_broken(change), "f.json")
 
 
-def test_bad_files(ef, tmp_path):
+def test_bad_files(ed, tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")
-    with pytest.raises(ef.EventDataError, match="not valid JSON"):
-        ef.load_events(str(path))
+    with pytest.raises(ed.EventDataError, match="not valid JSON"):
+        ed.load_events(str(path))
     path.write_text(json.dumps({"seqs": []}))
-    with pytest.raises(ef.EventDataError, match="expected a JSON list"):
-        ef.load_events(str(path))
+    with pytest.raises(ed.EventDataError, match="expected a JSON list"):
+        ed.load_events(str(path))
     path.write_text("[]")
-    with pytest.raises(ef.EventDataError, match="no sequences"):
-        ef.load_events(str(path))
+    with pytest.raises(ed.EventDataError, match="no sequences"):
+        ed.load_events(str(path))
     path.write_text(json.dumps([good_sequences()[0], [1, 2]]))
-    with pytest.raises(ef.EventDataError, match="sequence 1 is a list"):
-        ef.load_events(str(path))
+    with pytest.raises(ed.EventDataError, match="sequence 1 is a list"):
+        ed.load_events(str(path))
     with pytest.raises(FileNotFoundError, match="--generate"):
-        ef.load_events(str(tmp_path / "absent.json"))
+        ed.load_events(str(tmp_path / "absent.json"))
     # the validation and test files must have the training file's number of types
     path.write_text(json.dumps(good_sequences()))
-    with pytest.raises(ef.EventDataError, match="sequence 0, field 'dim_process': 3, but the model has 5"):
-        ef.load_events(str(path), num_types=5)
+    with pytest.raises(ed.EventDataError, match="sequence 0, field 'dim_process': 3, but the model has 5"):
+        ed.load_events(str(path), num_types=5)
 
 
-def test_script_refuses_bad_file(ef, tmp_path):
+def test_script_refuses_bad_file(ef, ed, tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(good_sequences()))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(_broken(BAD["unsorted times"][0])))
-    with pytest.raises(ef.EventDataError, match=r"bad\.json: sequence 1, field 'time_since_start'"):
+    with pytest.raises(ed.EventDataError, match=r"bad\.json: sequence 1, field 'time_since_start'"):
         ef.main(["--train", str(good), "--valid", str(good), "--test", str(bad), "--quick"])
 
 
@@ -126,17 +134,17 @@ def test_script_refuses_bad_file(ef, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["hawkes2", "hawkes5", "selfcorrect2"])
-def test_long_run_rates(ef, name):
+def test_long_run_rates(ed, name):
     """Counts per type over [0, T] / T: the stationary rates (I - alpha)^-1 mu of a Hawkes
     process (within 5%: the start from an empty history costs about 1% at T = 200), and
     A^-1 mu for the self-correcting process (mu_k t - (A N)_k stays bounded: within 2%)."""
-    process = ef.PROCESSES[name]
+    process = ed.PROCESSES[name]
     horizon = 200.0
-    out = ef.simulate(process, [10 ** 9] * 150, np.random.default_rng(1), max_time=horizon)
+    out = ed.simulate(process, [10 ** 9] * 150, np.random.default_rng(1), max_time=horizon)
     k = len(process["mu"])
     counts = np.array([[np.sum(types == j) for j in range(k)] for _, types in out])
     rates = counts.mean(0) / horizon
-    expected = ef.stationary_rates(process)
+    expected = ed.stationary_rates(process)
     tol = 0.05 if process["kind"] == "hawkes" else 0.02
     np.testing.assert_allclose(rates, expected, rtol=tol)
     for times, _ in out:
@@ -144,20 +152,20 @@ def test_long_run_rates(ef, name):
 
 
 @pytest.mark.parametrize("name", ["hawkes2", "hawkes5", "selfcorrect2"])
-def test_time_rescaling(ef, name):
+def test_time_rescaling(ed, name):
     """Under the true intensity the compensator between consecutive events is Exp(1), i.i.d.
     (time-rescaling theorem), and each type's share of the events at which it happened is
     lambda_k / lambda there: mean and Kolmogorov-Smirnov distance."""
-    process = ef.PROCESSES[name]
+    process = ed.PROCESSES[name]
     rng = np.random.default_rng(2)
-    out = ef.simulate(process, [60] * 100, rng)
+    out = ed.simulate(process, [60] * 100, rng)
     increments, probs, types = [], [], []
     for times, k in out:
         assert len(times) == 60
-        la, b = ef.true_intensity_params(process, torch.tensor(times), torch.tensor(k))
+        la, b = ed.true_intensity_params(process, torch.tensor(times), torch.tensor(k))
         tau = torch.tensor(np.diff(times))
-        increments.append(ef.compensator(la[:-1], b[:-1], tau))
-        lam = ef.log_intensity(la[:-1], b[:-1], tau).exp()
+        increments.append(ed.compensator(la[:-1], b[:-1], tau))
+        lam = ed.log_intensity(la[:-1], b[:-1], tau).exp()
         probs.append(lam / lam.sum(-1, keepdim=True))
         types.append(torch.tensor(k[1:]))
     x = torch.cat(increments).sort().values.numpy()
@@ -171,12 +179,12 @@ def test_time_rescaling(ef, name):
         assert abs(int((types == j).sum()) - expected) < 4 * math.sqrt(expected)
 
 
-def test_self_correcting_gap_is_the_inversion(ef):
+def test_self_correcting_gap_is_the_inversion(ed):
     """One type: lambda(t) = exp(mu t - a N); from t0 with N events the gap solving
     compensator = E is log(1 + mu E exp(-(mu t0 - a N))) / mu; the sampler draws E from
     the same stream (exponential, then uniform for the type)."""
     process = {"kind": "selfcorrecting", "mu": [0.8], "A": [[1.3]]}
-    (times, types), = ef.simulate(process, [25], np.random.default_rng(3))
+    (times, types), = ed.simulate(process, [25], np.random.default_rng(3))
     rng = np.random.default_rng(3)
     now = 0.0
     for n, t in enumerate(times):
@@ -203,11 +211,11 @@ def brute_force_intensity(process, times, types, t):
 
 
 @pytest.mark.parametrize("name", ["hawkes2", "hawkes5", "selfcorrect2"])
-def test_exact_nll_against_numeric_integral(ef, name):
-    process = ef.PROCESSES[name]
-    (times, types), = ef.simulate(process, [12], np.random.default_rng(4))
-    seq = ef.to_easytpp(times, types, len(process["mu"]))
-    exact = ef.true_metrics(process, [seq], predictions=False)
+def test_exact_nll_against_numeric_integral(ed, name):
+    process = ed.PROCESSES[name]
+    (times, types), = ed.simulate(process, [12], np.random.default_rng(4))
+    seq = ed.to_easytpp(times, types, len(process["mu"]))
+    exact = ed.true_metrics(process, [seq], predictions=False)
     nodes, weights = np.polynomial.legendre.leggauss(60)
     total = 0.0
     for i in range(1, len(times)):
@@ -222,24 +230,24 @@ def test_exact_nll_against_numeric_integral(ef, name):
     assert exact["nll_per_event"] == pytest.approx(-total / (len(times) - 1), rel=1e-10, abs=1e-10)
 
 
-def test_prediction_quadrature(ef):
+def test_prediction_quadrature(ed):
     """Constant rates: E[tau] = 1 / lambda, P(k) = lambda_k / lambda. A Hawkes-like decay:
     against a fine numeric integral of S and lambda_k S."""
     rates = torch.tensor([[0.3, 1.2, 0.5], [2.0, 0.01, 0.1]], dtype=torch.float64)
     la, b = rates.log()[..., None], torch.zeros(2, 3, 1, dtype=torch.float64)
-    e_tau, p = ef.predict_next(la, b)
+    e_tau, p = ed.predict_next(la, b)
     torch.testing.assert_close(e_tau, 1 / rates.sum(1), rtol=1e-9, atol=0)
     torch.testing.assert_close(p, rates / rates.sum(1, keepdim=True), rtol=1e-9, atol=0)
 
     la = torch.tensor([[[math.log(0.2), math.log(3.0)], [math.log(0.1), math.log(0.5)]]],
                       dtype=torch.float64)
     b = torch.tensor([[[0.0, -4.0], [0.3, -0.7]]], dtype=torch.float64)
-    e_tau, p = ef.predict_next(la, b)
+    e_tau, p = ed.predict_next(la, b)
     s = torch.linspace(0, 30, 300001, dtype=torch.float64)   # the compensator reaches ~1e4
     lam = (la[0, None] + b[0, None] * s[:, None, None]).exp().sum(-1)        # [G, K]
     cum = torch.cat([torch.zeros(1, dtype=torch.float64),
                      torch.cumulative_trapezoid(lam.sum(1), s)])
-    torch.testing.assert_close(cum[-1:], ef.compensator(la, b, s[-1:]), rtol=1e-8, atol=0)
+    torch.testing.assert_close(cum[-1:], ed.compensator(la, b, s[-1:]), rtol=1e-8, atol=0)
     surv = torch.exp(-cum)
     torch.testing.assert_close(e_tau, torch.trapezoid(surv, s)[None], rtol=1e-7, atol=0)
     torch.testing.assert_close(p[0], torch.trapezoid(lam * surv[:, None], s, dim=0),
@@ -247,42 +255,42 @@ def test_prediction_quadrature(ef):
     assert float(p.sum()) == pytest.approx(1.0, abs=1e-7)
 
 
-def test_log_phi_and_compensator_gradients(ef):
+def test_log_phi_and_compensator_gradients(ed):
     """The closed-form compensator is finite with finite gradients at b = 0, tiny |b s| and
     large b s, and equals the direct formula a (exp(b s) - 1) / b."""
     b = torch.tensor([0.0, 1e-9, -1e-9, 1e-3, -2.0, 15.0, -50.0], dtype=torch.float64,
                      requires_grad=True)
     la = torch.zeros(7, dtype=torch.float64, requires_grad=True)
     s = torch.full((7,), 3.0, dtype=torch.float64)
-    cum = ef.compensator(la[:, None, None], b[:, None, None], s)
+    cum = ed.compensator(la[:, None, None], b[:, None, None], s)
     direct = torch.where(b.abs() < 1e-12, s, torch.expm1(b * s) / torch.where(b == 0, 1.0, b))
     torch.testing.assert_close(cum, direct.detach(), rtol=1e-12, atol=0)
     cum.sum().backward()
     assert torch.isfinite(b.grad).all() and torch.isfinite(la.grad).all()
-    zero = ef.compensator(la[:, None, None], b[:, None, None], torch.zeros(7, dtype=torch.float64))
+    zero = ed.compensator(la[:, None, None], b[:, None, None], torch.zeros(7, dtype=torch.float64))
     assert (zero == 0).all()
 
 
 # --------------------------------------------------------------------------- the model
 
 
-def tiny_sequences(ef, n=6, k=3):
+def tiny_sequences(ed, n=6, k=3):
     process = {"kind": "hawkes", "mu": [0.4] * k,
                "alpha": (0.2 * np.eye(k) + 0.05).tolist(), "beta": [[1.0, 3.0, 0.5][:k]] * k}
-    out = ef.simulate(process, [n] * 4, np.random.default_rng(5))
-    return [ef.to_easytpp(t, y, k) for t, y in out]
+    out = ed.simulate(process, [n] * 4, np.random.default_rng(5))
+    return [ed.to_easytpp(t, y, k) for t, y in out]
 
 
 @pytest.mark.parametrize("kind", ["aaren", "transformer"])
-def test_model_nll_against_brute_force(ef, kind):
+def test_model_nll_against_brute_force(ef, ed, kind):
     """Every event's log-likelihood term from the parallel pass equals: encode the prefix
     of the events before it on its own, take the last output's intensity, convert it to the
     data's time units (lambda(t) / c), integrate it numerically over the gap."""
     torch.manual_seed(0)
     model = ef.EventModel(kind, 3, d_model=8, nhead=2, num_layers=2, d_ff=16, dropout=0.0,
                           components=3, time_scale=0.7).double().eval()
-    seqs = tiny_sequences(ef)
-    terms, mask, _ = ef.sequence_log_likelihood(model, ef.collate(seqs))
+    seqs = tiny_sequences(ed)
+    terms, mask, _ = ef.sequence_log_likelihood(model, ed.collate(seqs))
     nodes, weights = np.polynomial.legendre.leggauss(80)
     nodes, weights = torch.tensor(nodes), torch.tensor(weights)
     for row, seq in enumerate(seqs):
@@ -307,16 +315,16 @@ def test_model_nll_against_brute_force(ef, kind):
 
 
 @pytest.mark.parametrize("kind", ["aaren", "transformer"])
-def test_streaming_equals_parallel(ef, kind):
+def test_streaming_equals_parallel(ef, ed, kind):
     """A briefly trained model (float32) scores each sequence one event at a time with the
     stack's `step`; every log-likelihood term, expected next time and type probability equals
     the parallel pass within float32 tolerance. Aaren's state has one size throughout."""
     torch.manual_seed(0)
-    seqs = tiny_sequences(ef, n=30)
+    seqs = tiny_sequences(ed, n=30)
     model = ef.EventModel(kind, 3, d_model=16, nhead=4, num_layers=2, d_ff=32, dropout=0.1,
                           components=4, time_scale=ef.mean_gap(seqs))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batch = ef.collate(seqs)
+    batch = ed.collate(seqs)
     first = None
     for _ in range(15):
         terms, mask, _ = ef.sequence_log_likelihood(model, batch)
@@ -341,28 +349,28 @@ def test_streaming_equals_parallel(ef, kind):
     assert check["max_abs_diff_log_likelihood"] < 1e-4
 
 
-def test_true_process_in_the_model_family(ef):
+def test_true_process_in_the_model_family(ef, ed):
     """The true intensities have the head's form, with the script's default M = 6
     components: Hawkes b = 0 (the baseline) and -beta (the excitations, at most 5 distinct
     decays), self-correcting b = mu > 0 on one component, within the head's range of rates
     (in 1/c, c the mean gap, about 1 here)."""
-    for name, process in ef.PROCESSES.items():
-        (times, types), = ef.simulate(process, [8], np.random.default_rng(6))
-        la, b = ef.true_intensity_params(process, torch.tensor(times), torch.tensor(types))
+    for name, process in ed.PROCESSES.items():
+        (times, types), = ed.simulate(process, [8], np.random.default_rng(6))
+        la, b = ed.true_intensity_params(process, torch.tensor(times), torch.tensor(types))
         if process["kind"] == "hawkes":
             assert (b[..., 0] == 0).all() and (b[..., 1:] < 0).all()
             assert 1 + len(np.unique(process["beta"])) <= 6
             assert -b.min() < ef.DECAY_MAX / 2
         else:
             assert b.shape[-1] == 1 and (b > 0).all() and (b < ef.GROWTH_MAX / 2).all()
-        assert torch.isfinite(ef.log_likelihood_terms(
+        assert torch.isfinite(ed.log_likelihood_terms(
             la[:-1], b[:-1], torch.tensor(np.diff(times)), torch.tensor(types[1:]))).all()
 
 
 # --------------------------------------------------------------------------- the script
 
 
-def test_generate_and_quick_run(ef, tmp_path):
+def test_generate_and_quick_run(ef, ed, tmp_path):
     pytest.importorskip("tqdm")
     meta = ef.main(["--generate", "hawkes2", "--out-dir", str(tmp_path), "--seed", "3",
                     "--sizes", "40", "12", "12"])
@@ -370,7 +378,7 @@ def test_generate_and_quick_run(ef, tmp_path):
     truth = json.loads((tmp_path / "process.json").read_text())
     assert truth["true_test"]["nll_per_event"] == pytest.approx(meta["true_test"]["nll_per_event"])
     train = json.loads((tmp_path / "train.json").read_text())
-    assert set(train[0]) == set(ef.FIELDS) and 30 <= train[0]["seq_len"] <= 70
+    assert set(train[0]) == set(ed.FIELDS) and 30 <= train[0]["seq_len"] <= 70
     again = ef.main(["--generate", "hawkes2", "--out-dir", str(tmp_path / "again"), "--seed", "3",
                      "--sizes", "40", "12", "12"])
     assert json.loads((tmp_path / "again" / "train.json").read_text()) == train   # the seed fixes it
