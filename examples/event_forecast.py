@@ -343,13 +343,16 @@ def train(args, data: Dict[str, dict]) -> Tuple[dict, EventModel]:
 
 
 def _mean_std(values: List[float], digits: int = 4) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} +- {sd:.{digits}f}"
+    """The mean, and +- the sample standard deviation where there are two values or more (a
+    single seed has none; the table's seeds column says how many there are)."""
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    return f"{mean} +- {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
 
 def summary_table(records: List[dict]) -> str:
-    """Markdown: per dataset and model, mean +- sample std over seeds of the NLL, its gap to
-    the true model, the RMSE and the type accuracy; a row for the true model where known."""
+    """Markdown: per dataset and model, mean +- sample std over seeds (the mean alone for one
+    seed) of the NLL, its gap to the true model, the RMSE and the type accuracy; a row for the
+    true model where known."""
     lines = ["| process | model | seeds | NLL per event | gap to true NLL | RMSE next time | "
              "type accuracy % | params | train s (mean) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -109,16 +109,18 @@ def dataset_name(path: str) -> str:
     return name
 
 
-def check_file(path: str) -> None:
-    """Raises FileNotFoundError naming the file and where the standard ones come from."""
+def check_file(path: str, default: bool = False) -> None:
+    """Raises FileNotFoundError naming the file and where the standard ones come from; for
+    the `default` file (no --data-path given), also how to name another."""
     if os.path.isfile(path):
         return
     name = dataset_name(path)
     where = SOURCES.get(name, "the benchmark's data release")
     raise FileNotFoundError(
-        f"forecasting data file not found: {path!r}. {name} comes from {where}; the project "
-        f"expects the standard files (gzip-compressed) under ../shared/data/forecasting/ "
-        f"relative to its root (see that folder's README.md), or pass --data-path FILE.")
+        f"forecasting data file not found: {path!r}{' (the default file)' if default else ''}. "
+        f"{name} comes from {where}; the project expects the standard files (gzip-compressed) "
+        f"under ../shared/data/forecasting/ relative to its root (../shared/data/README.md "
+        f"says where each comes from)" + (", or pass --data-path FILE." if default else "."))
 
 
 def read_table(path: str) -> Tuple[np.ndarray, List[str]]:
@@ -330,7 +332,16 @@ def plot_window(models: Dict[str, nn.Module], data: dict, horizon: int, index: i
     plt.close(fig)
 
 
+def mean_std(values: List[float], digits: int = 3) -> str:
+    """The mean, and +- the sample standard deviation where there are two values or more (a
+    single run has none; the table's n says how many there are)."""
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    return f"{mean} +- {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
+
+
 def summary(records: List[dict]) -> str:
+    """Markdown: per model, the mean +- sample std over seeds of the test MSE and MAE (the
+    mean alone for one seed)."""
     lines = ["| dataset | horizon | head | model | MSE | MAE | params | train s (mean) | n |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for kind in MODEL_CHOICES:
@@ -339,11 +350,9 @@ def summary(records: List[dict]) -> str:
             continue
         mse = [r["mse"] for r in rs]
         mae = [r["mae"] for r in rs]
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
         head = rs[0].get("config", {}).get("head", "time")
         lines.append(f"| {rs[0]['dataset']} | {rs[0]['horizon']} | {head} | {kind} | "
-                     f"{statistics.fmean(mse):.3f} +- {sd(mse):.3f} | "
-                     f"{statistics.fmean(mae):.3f} +- {sd(mae):.3f} | {rs[0]['params']:,} | "
+                     f"{mean_std(mse)} | {mean_std(mae)} | {rs[0]['params']:,} | "
                      f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | {len(rs)} |")
     return "\n".join(lines)
 
@@ -351,7 +360,7 @@ def summary(records: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-path", default=DEFAULT_FILE,
+    parser.add_argument("--data-path", default=None,
                         help="the series (default ../shared/data/forecasting/ETTh1.csv.gz)")
     parser.add_argument("--horizon", type=int, default=96, help="forecast length (default 96)")
     add_training_arguments(parser, d_model=512, n_heads=8, e_layers=2, d_ff=2048, dropout=0.1,
@@ -374,6 +383,9 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         args.epochs, args.d_model, args.n_heads, args.d_ff, args.lr = 1, 32, 4, 64, 1e-3
     torch.set_num_threads(args.threads)
 
+    if args.data_path is None:
+        args.data_path = DEFAULT_FILE
+        check_file(args.data_path, default=True)
     data = load_splits(args.data_path, args.horizon)
     sizes = {k: len(v) for k, v in data["splits"].items()}
     print(f"{data['name']}: {data['rows']} rows x {len(data['channels'])} channels (target "

@@ -4,7 +4,9 @@ on the standard files in ../shared/data with the network blocked:
 - examples/forecast.py: every forecasting file loads (the ETT layout with dates and the
   headerless exchange_rate table) and gives the standard TSLib split sizes; a quick run on
   ETTh1 makes the loss fall for both models, writes finite metrics in the JSON record
-  format and the PNG; a missing file is named with its source.
+  format and the PNG; a missing file is named with its source and the data folder's README
+  (--data-path suggested only when none was given); the summary table shows a standard
+  deviation only over two seeds or more.
 - examples/classify_uea.py: Handwriting (from the data folder) and JapaneseVowels (inside
   sktime) load with the standard UEA sizes; a quick run makes the training loss fall for
   both models and keeps the validation split out of training and the test set out of both.
@@ -108,10 +110,31 @@ def test_forecast_quick_end_to_end(forecast, tmp_path):
     assert abs(params[0] - params[1]) <= 32 * 2
 
 
-def test_forecast_missing_file_is_named(forecast, tmp_path):
+def test_forecast_missing_file_is_named(forecast, tmp_path, monkeypatch):
+    """The message names the file and its source, and the data folder's README; it suggests
+    --data-path only when none was given (the default file is missing)."""
     missing = tmp_path / "ETTm2.csv.gz"
-    with pytest.raises(FileNotFoundError, match=r"ETTm2\.csv\.gz.*ETDataset"):
+    with pytest.raises(FileNotFoundError, match=r"ETTm2\.csv\.gz.*ETDataset") as given:
         forecast.main(["--data-path", str(missing), "--quick"])
+    assert "README.md" in str(given.value) and "--data-path" not in str(given.value)
+    monkeypatch.setattr(forecast, "DEFAULT_FILE", str(tmp_path / "ETTh1.csv.gz"))
+    with pytest.raises(FileNotFoundError, match=r"ETTh1\.csv\.gz' \(the default file\).*ETDataset"
+                       ) as default:
+        forecast.main(["--quick"])
+    assert "README.md" in str(default.value) and "or pass --data-path FILE" in str(default.value)
+
+
+def test_forecast_summary_std_only_with_two_seeds(forecast):
+    """One seed: the means alone (no "+- 0.000"); two seeds: mean +- sample std."""
+    def record(model, seed, mse):
+        return {"model": model, "dataset": "ETTh1", "horizon": 96, "seed": seed, "mse": mse,
+                "mae": 0.5, "params": 1000, "train_seconds": 10.0}
+    table = forecast.summary([record("aaren", 0, 0.25), record("transformer", 0, 0.25),
+                              record("transformer", 1, 0.75)])
+    aaren_row, transformer_row = table.splitlines()[2:]
+    assert aaren_row == "| ETTh1 | 96 | time | aaren | 0.250 | 0.500 | 1,000 | 10 | 1 |"
+    assert transformer_row == ("| ETTh1 | 96 | time | transformer | 0.500 +- 0.354 | "
+                               "0.500 +- 0.000 | 1,000 | 10 | 2 |")
 
 
 @needs_data

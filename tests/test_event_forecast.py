@@ -412,6 +412,20 @@ def test_generate_and_quick_run(ef, ed, tmp_path):
     assert "true process" in table and (tmp_path / "summary.md").exists()
 
 
+def test_summary_std_only_with_two_seeds(ef):
+    """A single seed's row shows the means alone (no "+- 0.0000"); two seeds' the sample std."""
+    def record(model, seed, nll):
+        return {"dataset": "hawkes2", "model": model, "seed": seed, "nll_per_event": nll,
+                "gap_to_true_nll": nll - 1.0, "rmse_next_time": 1.5, "type_accuracy": 0.6,
+                "params": 1000, "train_seconds": 10.0}
+    table = ef.summary_table([record("aaren", 0, 1.25), record("transformer", 0, 1.25),
+                              record("transformer", 1, 1.75)])
+    aaren_row, transformer_row = [line for line in table.splitlines() if "| hawkes2 |" in line]
+    assert aaren_row.startswith("| hawkes2 | aaren | 1 | 1.2500 | 0.2500 | 1.5000 | 60.00 |")
+    assert "+-" not in aaren_row
+    assert "| 1.5000 +- 0.3536 | 0.5000 +- 0.3536 | 1.5000 +- 0.0000 |" in transformer_row
+
+
 def test_script_argument_errors(ef, capsys):
     with pytest.raises(SystemExit):
         ef.main(["--train", "a.json"])
