@@ -8,30 +8,10 @@
 
 #include <iterator>
 
+#include "ops/checks.h"
+
 namespace aaren::ops {
 namespace {
-
-bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
-      dtype == at::kBFloat16;
-}
-
-// A last dimension of size 0 or 1 is contiguous whatever its stride says.
-bool last_dim_contiguous(const at::Tensor& t) {
-  return t.sym_size(-1) <= 1 || t.sym_stride(-1) == 1;
-}
-
-void check_same_device(const char* op, const at::Tensor& t, const char* name,
-                       const at::Tensor& values, const char* values_name = "values") {
-  TORCH_CHECK(t.device() == values.device(), op, ": ", name, " must be on the same device as ",
-              values_name, " (", values.device(), "), got ", t.device());
-}
-
-void check_dim_equal(const char* op, const char* what, const c10::SymInt& got,
-                     const char* whose, const c10::SymInt& expected) {
-  TORCH_CHECK(got == expected, op, ": ", what, " has ", got, " where ", whose,
-              " has ", expected);
-}
 
 // scores [B,N,H], values [B,N,H,D], optional state (lse [B,H], out [B,H,D]).
 void check_forward_inputs(const char* op, const at::Tensor& scores, const at::Tensor& values,
@@ -41,87 +21,11 @@ void check_forward_inputs(const char* op, const at::Tensor& scores, const at::Te
               scores.sym_sizes());
   TORCH_CHECK(values.dim() == 4, op, ": values must have shape [B, N, H, D], got shape ",
               values.sym_sizes());
-  TORCH_CHECK_TYPE(is_supported_dtype(values.scalar_type()), op,
-                   ": values must be float64, float32, bfloat16 or float16, got ",
-                   values.scalar_type());
-  TORCH_CHECK_TYPE(scores.scalar_type() == values.scalar_type(), op,
-                   ": scores and values must have the same dtype, got ",
-                   scores.scalar_type(), " and ", values.scalar_type());
-  check_same_device(op, scores, "scores", values);
-  check_dim_equal(op, "scores' batch dimension", scores.sym_size(0), "values",
-                  values.sym_size(0));
-  check_dim_equal(op, "scores' sequence dimension", scores.sym_size(1), "values",
-                  values.sym_size(1));
-  check_dim_equal(op, "scores' head dimension", scores.sym_size(2), "values",
-                  values.sym_size(2));
-  TORCH_CHECK(last_dim_contiguous(values), op,
-              ": values must be contiguous in its last dimension (stride 1), got strides ",
-              values.sym_strides());
-
+  check_scores_and_values(op, scores, values,
+                          {{"scores' batch dimension", 0}, {"scores' sequence dimension", 1},
+                           {"scores' head dimension", 2}});
   check_state(op, state_lse, state_out, values, {values.sym_size(0), "values"},
               {values.sym_size(2), "values"}, {values.sym_size(3), "values"});
-}
-
-}  // namespace
-
-void check_state(const char* op, const std::optional<at::Tensor>& state_lse,
-                 const std::optional<at::Tensor>& state_out, const at::Tensor& on_device_of,
-                 const ExpectedSize& batch, const ExpectedSize& heads,
-                 const ExpectedSize& head_dim) {
-  TORCH_CHECK(state_lse.has_value() == state_out.has_value(), op,
-              ": the state needs both lse and out, or neither");
-  if (!state_lse.has_value()) {
-    return;
-  }
-  const at::Tensor& lse = *state_lse;
-  const at::Tensor& out = *state_out;
-  TORCH_CHECK(lse.dim() == 2, op, ": state lse must have shape [B, H], got shape ",
-              lse.sym_sizes());
-  TORCH_CHECK(out.dim() == 3, op, ": state out must have shape [B, H, D], got shape ",
-              out.sym_sizes());
-  // Any floating dtype is converted (to kLseDtype, kStateOutDtype): states saved by earlier
-  // versions (a float32 lse, an out in the values' dtype) keep working.
-  TORCH_CHECK_TYPE(is_supported_dtype(lse.scalar_type()), op,
-                   ": state lse must be a floating dtype (float64 preferred), got ",
-                   lse.scalar_type());
-  TORCH_CHECK_TYPE(is_supported_dtype(out.scalar_type()), op,
-                   ": state out must be a floating dtype (float64 preferred), got ",
-                   out.scalar_type());
-  check_same_device(op, lse, "state lse", on_device_of, batch.whose);
-  check_same_device(op, out, "state out", on_device_of, batch.whose);
-  check_dim_equal(op, "state lse's batch dimension", lse.sym_size(0), batch.whose, batch.size);
-  check_dim_equal(op, "state lse's head dimension", lse.sym_size(1), heads.whose, heads.size);
-  check_dim_equal(op, "state out's batch dimension", out.sym_size(0), batch.whose, batch.size);
-  check_dim_equal(op, "state out's head dimension", out.sym_size(1), heads.whose, heads.size);
-  check_dim_equal(op, "state out's last dimension", out.sym_size(2), head_dim.whose,
-                  head_dim.size);
-}
-
-namespace {
-
-// The state in the dtypes the kernels read (a no-op when it already is), with a
-// contiguous last dimension.
-struct KernelState {
-  std::optional<at::Tensor> lse;
-  std::optional<at::Tensor> out;
-};
-
-KernelState kernel_state(const std::optional<at::Tensor>& state_lse,
-                         const std::optional<at::Tensor>& state_out) {
-  if (!state_lse.has_value()) {
-    return {};
-  }
-  at::Tensor out = state_out->to(kStateOutDtype);
-  if (!last_dim_contiguous(out)) {
-    out = out.contiguous();
-  }
-  return {state_lse->to(kLseDtype), out};
-}
-
-void check_same_shape(const char* op, const at::Tensor& t, const char* name,
-                      const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK(t.sym_sizes() == like.sym_sizes(), op, ": ", name, " must have the shape of ",
-              like_name, " ", like.sym_sizes(), ", got ", t.sym_sizes());
 }
 
 // An output given by the caller (the _into forms) must be exactly what the kernel would
@@ -182,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
     const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse,
     const std::optional<at::Tensor>& final_out) {
   check_forward_inputs(op, scores, values, state_lse, state_out);
-  const KernelState state = kernel_state(state_lse, state_out);
+  const KernelState state = kernel_state(state_lse, state_out, /*contiguous=*/false);
   const at::TensorOptions state_out_options = values.options().dtype(kStateOutDtype);
   ForwardArgs args{scores, values, state.lse, state.out,
                    checked_output(op, out, "out", values.sym_sizes(), values.options()),
@@ -248,30 +152,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
     const BackwardOutputs& outputs) {
   constexpr const char* op = "aaren.scan_backward";
   check_forward_inputs(op, scores, values, state_lse, state_out);
-  check_same_shape(op, out, "out", values, "values");
-  check_same_shape(op, lse, "lse", scores, "scores");
-  TORCH_CHECK(out.scalar_type() == values.scalar_type() && lse.scalar_type() == kLseDtype,
-              op, ": out and lse must be the outputs of scan_forward for these inputs");
-  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), op,
-              ": out and lse must be contiguous, as scan_forward returns them");
-  check_same_device(op, out, "out", values);
-  check_same_device(op, lse, "lse", values);
+  check_forward_outputs(op, "scan_forward", out, lse, scores, values);
 
   BackwardArgs args;
-  if (grad_out.has_value() && grad_out->defined()) {
-    check_same_shape(op, *grad_out, "grad_out", values, "values");
-    check_same_device(op, *grad_out, "grad_out", values);
-    // Autograd hands over whatever layout it has (an expanded scalar, say).
-    args.grad_out = last_dim_contiguous(*grad_out)
-        ? grad_out->to(values.scalar_type())
-        : grad_out->to(values.scalar_type()).contiguous();
-  }
-  if (grad_lse.has_value() && grad_lse->defined()) {
-    check_same_shape(op, *grad_lse, "grad_lse", scores, "scores");
-    check_same_device(op, *grad_lse, "grad_lse", values);
-    args.grad_lse = grad_lse->to(kLseDtype);
-  }
-  const KernelState state = kernel_state(state_lse, state_out);
+  const IncomingGradients incoming = incoming_gradients(op, grad_out, grad_lse, scores, values);
+  args.grad_out = incoming.grad_out;
+  args.grad_lse = incoming.grad_lse;
+  const KernelState state = kernel_state(state_lse, state_out, /*contiguous=*/false);
   args.scores = scores;
   args.values = values;
   args.out = out;
@@ -281,19 +168,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
   const auto batch = values.sym_size(0);
   const auto heads = values.sym_size(2);
   const auto head_dim = values.sym_size(3);
-  // The state's gradients have the dtypes of the state given (the kernel dtypes when none).
-  const at::ScalarType out0_dtype = kStateOutDtype;
-  const at::ScalarType grad_lse0_dtype = state_lse.has_value() ? state_lse->scalar_type() : kLseDtype;
-  const at::ScalarType grad_out0_dtype = state_out.has_value() ? state_out->scalar_type() : out0_dtype;
   args.grad_scores = checked_output(op, outputs.grad_scores, "grad_scores", scores.sym_sizes(),
                                     scores.options());
   args.grad_values = checked_output(op, outputs.grad_values, "grad_values", values.sym_sizes(),
                                     values.options());
-  const at::Tensor grad_state_lse = checked_output(
-      op, outputs.grad_state_lse, "grad_state_lse", {batch, heads}, lse.options().dtype(grad_lse0_dtype));
+  const at::Tensor grad_state_lse =
+      checked_output(op, outputs.grad_state_lse, "grad_state_lse", {batch, heads},
+                     lse.options().dtype(grad_state_lse_dtype(state_lse)));
   const at::Tensor grad_state_out =
       checked_output(op, outputs.grad_state_out, "grad_state_out", {batch, heads, head_dim},
-                     values.options().dtype(grad_out0_dtype));
+                     values.options().dtype(grad_state_out_dtype(state_out)));
   if (kernel == nullptr) {
     return {args.grad_scores, args.grad_values, grad_state_lse, grad_state_out};
   }
@@ -304,21 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward_with(
                    {{args.grad_out, "grad_out"}, {args.grad_lse, "grad_lse"}, {scores, "scores"},
                     {values, "values"}, {out, "out"}, {lse, "lse"}, {state_lse, "state_lse"},
                     {state_out, "state_out"}});
-  // The kernels write the state's gradients in their own dtypes; converted after.
-  args.grad_state_lse = grad_lse0_dtype == kLseDtype
-      ? grad_state_lse
-      : at::empty_symint({batch, heads}, lse.options().dtype(kLseDtype));
-  args.grad_state_out = grad_out0_dtype == out0_dtype
-      ? grad_state_out
-      : at::empty_symint({batch, heads, head_dim}, values.options().dtype(out0_dtype));
-  kernel(args);
-  if (!args.grad_state_lse.is_same(grad_state_lse)) {
-    grad_state_lse.copy_(args.grad_state_lse);
-  }
-  if (!args.grad_state_out.is_same(grad_state_out)) {
-    grad_state_out.copy_(args.grad_state_out);
-  }
-  return {args.grad_scores, args.grad_values, grad_state_lse, grad_state_out};
+  return run_backward_kernel(kernel, args, grad_state_lse, grad_state_out);
 }
 
 }  // namespace aaren::ops

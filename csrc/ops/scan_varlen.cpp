@@ -9,33 +9,13 @@
 #include <algorithm>
 
 #include "aaren/aaren.h"
+#include "ops/checks.h"
 
 namespace aaren::ops {
 namespace {
 
 constexpr const char* kForwardOp = "aaren.scan_varlen";
 constexpr const char* kBackwardOp = "aaren.scan_varlen_backward";
-
-bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
-      dtype == at::kBFloat16;
-}
-
-bool last_dim_contiguous(const at::Tensor& t) {
-  return t.sym_size(-1) <= 1 || t.sym_stride(-1) == 1;
-}
-
-void check_same_device(const char* op, const at::Tensor& t, const char* name,
-                       const at::Tensor& values) {
-  TORCH_CHECK(t.device() == values.device(), op, ": ", name,
-              " must be on the same device as values (", values.device(), "), got ", t.device());
-}
-
-void check_dim_equal(const char* op, const char* what, const c10::SymInt& got,
-                     const char* whose, const c10::SymInt& expected) {
-  TORCH_CHECK(got == expected, op, ": ", what, " has ", got, " where ", whose, " has ",
-              expected);
-}
 
 // scores [T, H], values [T, H, D], cu_seqlens [N + 1] (int32 or int64), max_seqlen >= 0,
 // optional state (lse [N, H], out [N, H, D]).
@@ -48,20 +28,8 @@ void check_varlen_inputs(const char* op, const at::Tensor& scores, const at::Ten
               scores.sym_sizes());
   TORCH_CHECK(values.dim() == 3, op,
               ": values must have shape [T, H, D] (packed tokens), got shape ", values.sym_sizes());
-  TORCH_CHECK_TYPE(is_supported_dtype(values.scalar_type()), op,
-                   ": values must be float64, float32, bfloat16 or float16, got ",
-                   values.scalar_type());
-  TORCH_CHECK_TYPE(scores.scalar_type() == values.scalar_type(), op,
-                   ": scores and values must have the same dtype, got ", scores.scalar_type(),
-                   " and ", values.scalar_type());
-  check_same_device(op, scores, "scores", values);
-  check_dim_equal(op, "scores' token dimension", scores.sym_size(0), "values",
-                  values.sym_size(0));
-  check_dim_equal(op, "scores' head dimension", scores.sym_size(1), "values",
-                  values.sym_size(1));
-  TORCH_CHECK(last_dim_contiguous(values), op,
-              ": values must be contiguous in its last dimension (stride 1), got strides ",
-              values.sym_strides());
+  check_scores_and_values(op, scores, values,
+                          {{"scores' token dimension", 0}, {"scores' head dimension", 1}});
 
   TORCH_CHECK(cu_seqlens.dim() == 1, op,
               ": cu_seqlens must be a 1-D tensor of N + 1 sequence boundaries, got shape ",
@@ -88,31 +56,11 @@ void check_varlen_inputs(const char* op, const at::Tensor& scores, const at::Ten
               {values.sym_size(1), "values"}, {values.sym_size(2), "values"});
 }
 
-// The state in the kernels' dtypes (float64), contiguous: the kernels index it per sequence.
-struct KernelState {
-  std::optional<at::Tensor> lse;
-  std::optional<at::Tensor> out;
-};
-
-KernelState kernel_state(const std::optional<at::Tensor>& state_lse,
-                         const std::optional<at::Tensor>& state_out) {
-  if (!state_lse.has_value()) {
-    return {};
-  }
-  return {state_lse->to(kLseDtype).contiguous(), state_out->to(kStateOutDtype).contiguous()};
-}
-
 std::optional<int64_t> concrete(std::optional<c10::SymInt> max_seqlen) {
   if (!max_seqlen.has_value()) {
     return std::nullopt;
   }
   return max_seqlen->expect_int();
-}
-
-void check_same_shape(const char* op, const at::Tensor& t, const char* name,
-                      const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK(t.sym_sizes() == like.sym_sizes(), op, ": ", name, " must have the shape of ",
-              like_name, " ", like.sym_sizes(), ", got ", t.sym_sizes());
 }
 
 }  // namespace
@@ -132,7 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_varlen_forward_w
   args.final_lse = at::empty_symint({sequences, heads}, wide);
   args.final_out = at::empty_symint({sequences, heads, head_dim}, values.options().dtype(kStateOutDtype));
   if (kernel != nullptr) {
-    const KernelState state = kernel_state(state_lse, state_out);
+    // Contiguous: the kernels index the state per sequence.
+    const KernelState state = kernel_state(state_lse, state_out, /*contiguous=*/true);
     args.scores = scores;
     args.values = values;
     args.cu_seqlens = cu_seqlens;
@@ -152,45 +101,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_varlen_backward_
     const std::optional<at::Tensor>& state_lse, const std::optional<at::Tensor>& state_out) {
   constexpr const char* op = kBackwardOp;
   check_varlen_inputs(op, scores, values, cu_seqlens, max_seqlen, state_lse, state_out);
-  check_same_shape(op, out, "out", values, "values");
-  check_same_shape(op, lse, "lse", scores, "scores");
-  TORCH_CHECK(out.scalar_type() == values.scalar_type() && lse.scalar_type() == kLseDtype, op,
-              ": out and lse must be the outputs of scan_varlen_forward for these inputs");
-  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), op,
-              ": out and lse must be contiguous, as scan_varlen_forward returns them");
-  check_same_device(op, out, "out", values);
-  check_same_device(op, lse, "lse", values);
+  check_forward_outputs(op, "scan_varlen_forward", out, lse, scores, values);
 
   VarlenBackwardArgs args;
-  if (grad_out.has_value() && grad_out->defined()) {
-    check_same_shape(op, *grad_out, "grad_out", values, "values");
-    check_same_device(op, *grad_out, "grad_out", values);
-    args.grad_out = last_dim_contiguous(*grad_out)
-        ? grad_out->to(values.scalar_type())
-        : grad_out->to(values.scalar_type()).contiguous();
-  }
-  if (grad_lse.has_value() && grad_lse->defined()) {
-    check_same_shape(op, *grad_lse, "grad_lse", scores, "scores");
-    check_same_device(op, *grad_lse, "grad_lse", values);
-    args.grad_lse = grad_lse->to(kLseDtype);
-  }
+  const IncomingGradients incoming = incoming_gradients(op, grad_out, grad_lse, scores, values);
+  args.grad_out = incoming.grad_out;
+  args.grad_lse = incoming.grad_lse;
   const c10::SymInt sequences = cu_seqlens.sym_size(0) - 1;
   const c10::SymInt heads = values.sym_size(1);
   const c10::SymInt head_dim = values.sym_size(2);
-  // The state's gradients have the dtypes of the state given (the kernel dtypes when none).
-  const at::ScalarType lse0_dtype = state_lse.has_value() ? state_lse->scalar_type() : kLseDtype;
-  const at::ScalarType out0_dtype =
-      state_out.has_value() ? state_out->scalar_type() : kStateOutDtype;
   args.grad_scores = at::empty_symint(scores.sym_sizes(), scores.options());
   args.grad_values = at::empty_symint(values.sym_sizes(), values.options());
-  const at::Tensor grad_state_lse =
-      at::empty_symint({sequences, heads}, lse.options().dtype(lse0_dtype));
-  const at::Tensor grad_state_out =
-      at::empty_symint({sequences, heads, head_dim}, values.options().dtype(out0_dtype));
+  const at::Tensor grad_state_lse = at::empty_symint(
+      {sequences, heads}, lse.options().dtype(grad_state_lse_dtype(state_lse)));
+  const at::Tensor grad_state_out = at::empty_symint(
+      {sequences, heads, head_dim}, values.options().dtype(grad_state_out_dtype(state_out)));
   if (kernel == nullptr) {
     return {args.grad_scores, args.grad_values, grad_state_lse, grad_state_out};
   }
-  const KernelState state = kernel_state(state_lse, state_out);
+  const KernelState state = kernel_state(state_lse, state_out, /*contiguous=*/true);
   args.scores = scores;
   args.values = values;
   args.cu_seqlens = cu_seqlens;
@@ -199,21 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_varlen_backward_
   args.lse = lse;
   args.state_lse = state.lse;
   args.state_out = state.out;
-  // The kernels write the state's gradients in their own dtypes; converted after.
-  args.grad_state_lse = lse0_dtype == kLseDtype
-      ? grad_state_lse
-      : at::empty_symint({sequences, heads}, lse.options().dtype(kLseDtype));
-  args.grad_state_out = out0_dtype == kStateOutDtype
-      ? grad_state_out
-      : at::empty_symint({sequences, heads, head_dim}, values.options().dtype(kStateOutDtype));
-  kernel(args);
-  if (!args.grad_state_lse.is_same(grad_state_lse)) {
-    grad_state_lse.copy_(args.grad_state_lse);
-  }
-  if (!args.grad_state_out.is_same(grad_state_out)) {
-    grad_state_out.copy_(args.grad_state_out);
-  }
-  return {args.grad_scores, args.grad_values, grad_state_lse, grad_state_out};
+  return run_backward_kernel(kernel, args, grad_state_lse, grad_state_out);
 }
 
 namespace {

@@ -15,19 +15,16 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <limits>
+#include <tuple>
 
 #include "aaren/aaren.h"
+#include "ops/autograd/shared_gradients.h"
 
 namespace aaren::ops {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 // The gradients of a scan from differentiable operations, in float64 (docs/design.md,
 // "Backward"). Unrolled, the reverse recurrences are suffix sums,
@@ -44,41 +41,22 @@ variable_list reverse_scan_gradients(const at::Tensor& scores, const at::Tensor&
                                      const at::Tensor& out, const at::Tensor& lse,
                                      const at::Tensor& state_lse, const at::Tensor& state_out,
                                      const at::Tensor& grad_out, const at::Tensor& grad_lse) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  const c10::SymInt dim = values.sym_size(3);
-  const at::Tensor s = scores.to(at::kDouble);
-  const at::Tensor v = values.to(at::kDouble);
-  const at::Tensor L = lse.to(at::kDouble);
-  const at::Tensor g = grad_out.defined() ? grad_out.to(at::kDouble) : at::zeros_like(v);
-  const at::Tensor G = grad_lse.defined() ? grad_lse.to(at::kDouble) : at::zeros_like(L);
-
-  const at::Tensor rho_input = (g * out.to(at::kDouble)).sum(-1) - G;
-  const at::Tensor features = at::cat({g, rho_input.unsqueeze(-1)}, -1);
-  const at::Tensor reverse_scores = at::where(L == -kInf, at::full({}, -kInf, L.options()), -L);
-  const auto [reversed, reversed_lse, unused_final] =
-      ops::scan_forward(reverse_scores.flip({1}), features.flip({1}), std::nullopt, std::nullopt);
+  const ReverseScanInputs reverse = reverse_scan_inputs(values, out, lse, grad_out, grad_lse);
+  const auto [reversed, reversed_lse, unused_final] = ops::scan_forward(
+      reverse.scores.flip({1}), reverse.features.flip({1}), std::nullopt, std::nullopt);
   (void)unused_final;
-  const at::Tensor X = reversed.flip({1});
   const at::Tensor suffix_lse = reversed_lse.flip({1});
-  const at::Tensor X_g = X.narrow_symint(-1, 0, dim);
-  const at::Tensor X_rho = X.select_symint(-1, dim);
-
-  const at::Tensor weight = at::exp(s + suffix_lse);
-  const at::Tensor grad_values = weight.unsqueeze(-1) * X_g;
-  const at::Tensor grad_scores = weight * ((v * X_g).sum(-1) - X_rho);
-  variable_list grads{grad_scores.to(scores.scalar_type()), grad_values.to(values.scalar_type()),
-                      at::Tensor(), at::Tensor()};
+  const TokenGradients tokens = token_gradients(scores, values, reversed.flip({1}), suffix_lse);
+  variable_list grads{tokens.grad_scores, tokens.grad_values, at::Tensor(), at::Tensor()};
   if (state_lse.defined()) {
     if (values.sym_size(1) == 0) {
       grads[2] = at::zeros_like(state_lse);
       grads[3] = at::zeros_like(state_out);
     } else {
       const at::Tensor f = at::exp(state_lse.to(at::kDouble) + suffix_lse.select(1, 0));
-      const at::Tensor R1 = X_g.select(1, 0);
-      // o_0 rounded as the outputs in rho are (aaren/combine.h, rounded_state_out).
-      const at::Tensor o0 = state_out.to(values.scalar_type()).to(at::kDouble);
-      grads[2] = (f * ((o0 * R1).sum(-1) - X_rho.select(1, 0))).to(state_lse.scalar_type());
-      grads[3] = (f.unsqueeze(-1) * R1).to(state_out.scalar_type());
+      std::tie(grads[2], grads[3]) =
+          state_gradients(state_lse, state_out, values.scalar_type(), f, tokens.R.select(1, 0),
+                          tokens.rho.select(1, 0));
     }
   }
   return grads;
@@ -109,14 +87,10 @@ variable_list scan_gradients(const variable_list& saved, at::Tensor grad_out,
     grads = reverse_scan_gradients(scores, values, saved[2], saved[3], state_lse, state_out,
                                    grad_out, grad_lse);
   } else {
-    auto [grad_scores, grad_values, grad_state_lse, grad_state_out] =
+    grads = kernel_gradients(
         scan_backward(defined_or_none(grad_out), defined_or_none(grad_lse), scores, values,
-                      saved[2], saved[3], defined_or_none(state_lse), defined_or_none(state_out));
-    grads = {grad_scores, grad_values, at::Tensor(), at::Tensor()};
-    if (state_lse.defined()) {
-      grads[2] = grad_state_lse;
-      grads[3] = grad_state_out;
-    }
+                      saved[2], saved[3], defined_or_none(state_lse), defined_or_none(state_out)),
+        state_lse.defined());
   }
   if (grad_final.defined() && length == 0 && state_out.defined()) {
     grads[3] = grads[3] + grad_final.to(state_out.scalar_type());

@@ -7,19 +7,18 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <tuple>
 
 #include "aaren/aaren.h"
+#include "ops/autograd/shared_gradients.h"
 
 namespace aaren::ops {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 // Per sequence: its first and last token and whether it has any (all [N], int64 / bool), read
 // from cu_seqlens on its device (no synchronization).
@@ -51,32 +50,18 @@ variable_list reverse_varlen_gradients(const at::Tensor& scores, const at::Tenso
                                        const at::Tensor& grad_out, const at::Tensor& grad_lse) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   const int64_t tokens = values.size(0);
-  const int64_t dim = values.size(2);
-  const at::Tensor s = scores.to(at::kDouble);
-  const at::Tensor v = values.to(at::kDouble);
-  const at::Tensor L = lse.to(at::kDouble);
-  const at::Tensor g = grad_out.defined() ? grad_out.to(at::kDouble) : at::zeros_like(v);
-  const at::Tensor G = grad_lse.defined() ? grad_lse.to(at::kDouble) : at::zeros_like(L);
-
-  const at::Tensor rho_input = (g * out.to(at::kDouble)).sum(-1) - G;
-  const at::Tensor features = at::cat({g, rho_input.unsqueeze(-1)}, -1);
-  const at::Tensor reverse_scores = at::where(L == -kInf, at::full({}, -kInf, L.options()), -L);
+  const ReverseScanInputs reverse = reverse_scan_inputs(values, out, lse, grad_out, grad_lse);
   const at::Tensor reverse_bounds = (cu_seqlens.flip({0}) * -1 + tokens).to(cu_seqlens.scalar_type());
   const auto [reversed, reversed_lse, unused_lse, unused_out] =
-      ops::scan_varlen_forward(reverse_scores.flip({0}), features.flip({0}), reverse_bounds,
-                               max_seqlen, std::nullopt, std::nullopt);
+      ops::scan_varlen_forward(reverse.scores.flip({0}), reverse.features.flip({0}),
+                               reverse_bounds, max_seqlen, std::nullopt, std::nullopt);
   (void)unused_lse;
   (void)unused_out;
-  const at::Tensor X = reversed.flip({0});
   const at::Tensor suffix_lse = reversed_lse.flip({0});
-  const at::Tensor X_g = X.narrow(-1, 0, dim);
-  const at::Tensor X_rho = X.select(-1, dim);
-
-  const at::Tensor weight = at::exp(s + suffix_lse);
-  const at::Tensor grad_values = weight.unsqueeze(-1) * X_g;
-  const at::Tensor grad_scores = weight * ((v * X_g).sum(-1) - X_rho);
-  variable_list grads{grad_scores.to(scores.scalar_type()), grad_values.to(values.scalar_type()),
-                      at::Tensor(), at::Tensor()};
+  const TokenGradients token_grads =
+      token_gradients(scores, values, reversed.flip({0}), suffix_lse);
+  variable_list grads{token_grads.grad_scores, token_grads.grad_values, at::Tensor(),
+                      at::Tensor()};
   if (state_lse.defined()) {
     if (tokens == 0) {
       grads[2] = at::zeros_like(state_lse);
@@ -89,13 +74,11 @@ variable_list reverse_varlen_gradients(const at::Tensor& scores, const at::Tenso
       const at::Tensor exponent =
           at::where(ends.nonempty.unsqueeze(-1),
                     state_lse.to(at::kDouble) + suffix_lse.index_select(0, ends.first),
-                    at::full({}, -kInf, L.options()));
+                    at::full({}, -kInf, suffix_lse.options()));
       const at::Tensor f = at::exp(exponent);
-      const at::Tensor R1 = X_g.index_select(0, ends.first);
-      const at::Tensor rho1 = X_rho.index_select(0, ends.first);
-      const at::Tensor o0 = state_out.to(values.scalar_type()).to(at::kDouble);
-      grads[2] = (f * ((o0 * R1).sum(-1) - rho1)).to(state_lse.scalar_type());
-      grads[3] = (f.unsqueeze(-1) * R1).to(state_out.scalar_type());
+      std::tie(grads[2], grads[3]) = state_gradients(
+          state_lse, state_out, values.scalar_type(), f,
+          token_grads.R.index_select(0, ends.first), token_grads.rho.index_select(0, ends.first));
     }
   }
   return grads;
@@ -143,14 +126,11 @@ variable_list varlen_gradients(const variable_list& saved,
     grads = reverse_varlen_gradients(scores, values, cu_seqlens, max_seqlen, out, lse, state_lse,
                                      state_out, grad_out, grad_lse);
   } else {
-    auto [grad_scores, grad_values, grad_state_lse, grad_state_out] = scan_varlen_backward(
-        defined_or_none(grad_out), defined_or_none(grad_lse), scores, values, cu_seqlens,
-        max_seqlen, out, lse, defined_or_none(state_lse), defined_or_none(state_out));
-    grads = {grad_scores, grad_values, at::Tensor(), at::Tensor()};
-    if (state_lse.defined()) {
-      grads[2] = grad_state_lse;
-      grads[3] = grad_state_out;
-    }
+    grads = kernel_gradients(
+        scan_varlen_backward(defined_or_none(grad_out), defined_or_none(grad_lse), scores, values,
+                             cu_seqlens, max_seqlen, out, lse, defined_or_none(state_lse),
+                             defined_or_none(state_out)),
+        state_lse.defined());
   }
   if (final_grads && state_lse.defined()) {  // sequences of no tokens: the state itself
     const at::Tensor empty = ends->nonempty.logical_not();
