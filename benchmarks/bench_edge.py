@@ -110,6 +110,9 @@ from torch import Tensor, nn
 import aaren
 import aaren.edge
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling cmake_cache.py
+import cmake_cache  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "build", "edge", "aaren_runner")
 EDGE_KERNELS = os.path.join(ROOT, "build", "edge", "libaaren_edge_kernels.so")
@@ -301,11 +304,18 @@ def build_programs(want_libtorch: bool) -> None:
         builds.append((LT_BENCH, ["-DBENCH_EDGE_RUNTIME=libtorch",
                                   f"-DCMAKE_PREFIX_PATH={os.path.dirname(aaren.__file__)};"
                                   f"{torch.utils.cmake_prefix_path}"]))
+    packages = {"executorch": _executorch_prefix()}
+    if want_libtorch:
+        packages.update(Torch=torch.utils.cmake_prefix_path, aaren=os.path.dirname(aaren.__file__))
     for binary, options in builds:
         build = os.path.dirname(binary)
-        if not os.path.exists(os.path.join(build, "CMakeCache.txt")):
-            print(f"configuring {build} ...", flush=True)
-            subprocess.run([cmake, "-S", BENCH_SRC, "-B", build, *generator, *options], check=True,
+        # A cache another environment configured (a removed venv's cmake or ninja, another
+        # torch, aaren or executorch) is configured again from scratch.
+        stale = cmake_cache.stale_reason(build, packages)
+        if stale or not os.path.exists(os.path.join(build, "CMakeCache.txt")):
+            print(f"configuring {build}{f' again ({stale})' if stale else ''} ...", flush=True)
+            subprocess.run([cmake, "-S", BENCH_SRC, "-B", build, *generator, *options,
+                            *(["--fresh"] if stale else [])], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not os.path.exists(binary):
             print(f"building {binary} ...", flush=True)

@@ -29,7 +29,9 @@ Three runs, each printing its figures (docs/results.md, "Long runs and load"):
    a `torch.jit.script` copy's `step`; every thread's outputs and final state must equal,
    bit for bit, those of the same stream run alone, one after another. With `--cpp
    BUILD_DIR` the C++ program examples/cpp/threads does the same from eight `std::thread`s
-   on a TorchScript copy (built there with its own CMake invocation).
+   on a TorchScript copy (built there with its own CMake invocation; a build directory that
+   another environment configured, another torch's or a removed venv's, is configured again
+   from scratch: benchmarks/cmake_cache.py).
 
 Exit status 1 when a hard check fails (a thread's outputs differ, step or prefill is over
 1e-4 from the float64 twin, the state grows, an autograd graph outlives its step, tracked objects grow
@@ -59,6 +61,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import aaren
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling cmake_cache.py
+import cmake_cache  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, HEADS, LAYERS, FEEDFORWARD = 32, 4, 2, 64
@@ -324,16 +329,25 @@ def run_cpp(build_dir: str, threads: int, tokens: int, log: Callable[[str], None
     """Builds examples/cpp/threads into build_dir (its own CMake project) and runs it on a
     TorchScript copy of the encoder."""
     source = os.path.join(ROOT, "examples", "cpp", "threads")
-    prefix = ";".join([aaren_cmake_prefix(), torch.utils.cmake_prefix_path])
+    aaren_prefix = aaren_cmake_prefix()
+    prefix = ";".join([aaren_prefix, torch.utils.cmake_prefix_path])
     cmake, ninja = tool("cmake"), tool("ninja")
     if cmake is None:
         raise SystemExit("--cpp needs CMake (pip install 'cmake>=3.26' ninja)")
     configure = [cmake, "-S", source, "-B", build_dir, f"-DCMAKE_PREFIX_PATH={prefix}"]
     if ninja:
         configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    # A cache configured by another environment (a removed venv's cmake or ninja, another
+    # torch or aaren) is configured again from scratch: benchmarks/cmake_cache.py.
+    stale = cmake_cache.stale_reason(
+        build_dir, {"Torch": torch.utils.cmake_prefix_path, "aaren": aaren_prefix},
+        make_program=ninja)
+    if stale:
+        log(f"  C++: configuring {build_dir} again ({stale})")
+        configure.append("--fresh")
+    configured = os.path.exists(os.path.join(build_dir, "CMakeCache.txt")) and not stale
     start = time.perf_counter()
-    for command in ([configure] if not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")) else []) + \
-            [[cmake, "--build", build_dir]]:
+    for command in ([] if configured else [configure]) + [[cmake, "--build", build_dir]]:
         made = subprocess.run(command, capture_output=True, text=True)
         if made.returncode != 0:
             raise SystemExit(f"building examples/cpp/threads failed ({' '.join(command[:2])} ...):\n"

@@ -123,7 +123,10 @@ build_edge() {
   log "building build/edge/aaren_runner and the ExecuTorch kernels (no libtorch)"
   local prefix
   prefix="$(python -c 'import executorch; print(list(executorch.__path__)[0])')"
-  "$VENV/bin/cmake" -S csrc/edge -B build/edge -G Ninja -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+  # A cache another environment configured (a removed venv's cmake or ninja) is configured anew.
+  local fresh=()
+  python benchmarks/cmake_cache.py build/edge "executorch=$prefix" || fresh=(--fresh)
+  "$VENV/bin/cmake" -S csrc/edge -B build/edge -G Ninja -DCMAKE_PREFIX_PATH="$prefix" "${fresh[@]}" >/dev/null
   "$VENV/bin/cmake" --build build/edge -j "$MAX_JOBS"
 }
 

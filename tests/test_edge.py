@@ -63,8 +63,12 @@ def edge_build():
     if not HAVE_EXECUTORCH:
         pytest.skip("executorch is not installed")
     prefix = list(__import__("executorch").__path__)[0]
+    # A cache another environment configured (a removed venv's cmake or ninja, another
+    # executorch) is configured again from scratch.
+    cmake_cache = load_script("benchmarks/cmake_cache.py", "cmake_cache")
+    fresh = ["--fresh"] if cmake_cache.stale_reason(str(BUILD), {"executorch": prefix}) else []
     subprocess.run([_cmake(), "-S", str(ROOT / "csrc" / "edge"), "-B", str(BUILD), "-G", "Ninja",
-                    f"-DCMAKE_PREFIX_PATH={prefix}"], check=True, capture_output=True)
+                    f"-DCMAKE_PREFIX_PATH={prefix}", *fresh], check=True, capture_output=True)
     subprocess.run([_cmake(), "--build", str(BUILD), "-j2"], check=True, capture_output=True)
     return BUILD
 

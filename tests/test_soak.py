@@ -5,7 +5,7 @@ stay within 1e-4 of a float64 twin of the encoder, the state keeps its size, no 
 tracked objects, each thread's outputs bit for bit those of its stream run alone), which
 are also read back here from its JSON figures. The C++ variant (examples/cpp/threads, eight
 std::threads on a TorchScript copy) is built with its own CMake invocation into
-build/soak/cpp and run in its quick mode.
+build/soak/cpp-torch<major.minor> and run in its quick mode.
 """
 import json
 import os
@@ -15,6 +15,8 @@ import sys
 
 import pytest
 import torch
+
+from example_scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_soak.py")
@@ -50,12 +52,48 @@ def _cmake():
 
 
 @pytest.mark.skipif(_cmake() is None, reason="CMake is not installed")
-@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 15),
-                    reason="the C++ program is built and checked with the pinned torch (CI's "
-                           "first leg); its build directory is that torch's")
 def test_soak_cpp_threads_quick(tmp_path):
-    """examples/cpp/threads from eight std::threads (the first run builds it: a minute or two)."""
-    build = os.path.join(ROOT, "build", "soak", "cpp")
+    """examples/cpp/threads from eight std::threads (the first run builds it: a minute or two).
+    A build directory per torch version (as scripts/run.sh's AAREN_BUILD_DIR for the oldest
+    leg): CI tests two torch versions in one clone, and a developer may switch; bench_soak.py
+    itself configures again a directory that another environment configured."""
+    torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    build = os.path.join(ROOT, "build", "soak", f"cpp-torch{torch_version}")
     figures, stdout = run_soak(tmp_path, "--skip", "stream", "training", "--cpp", build, timeout=1200)
     assert figures["cpp"]["exit_status"] == 0, stdout
     assert "8 of 8 bitwise equal to one at a time" in stdout
+
+
+def test_stale_cmake_cache_is_configured_again(tmp_path):
+    """benchmarks/cmake_cache.py, which bench_soak.py --cpp (and the edge builds) ask before
+    reusing a build directory: a cache naming a vanished cmake or ninja, another build tool or
+    a package found elsewhere is stale; one that matches this environment, or none, is not."""
+    cmake_cache = load_script("benchmarks/cmake_cache.py", "cmake_cache")
+    tool = tmp_path / "venv" / "bin"
+    tool.mkdir(parents=True)
+    for name in ("cmake", "ninja"):
+        (tool / name).write_text("")
+    torch_dir = tmp_path / "site" / "torch" / "share" / "cmake"
+    (torch_dir / "Torch").mkdir(parents=True)
+
+    def cache(**entries):
+        build = tmp_path / f"build{len(list(tmp_path.iterdir()))}"
+        build.mkdir()
+        lines = ["# This is the CMakeCache file.", "//the build tool"]
+        lines += [f"{key}:FILEPATH={value}" for key, value in entries.items()]
+        (build / "CMakeCache.txt").write_text("\n".join(lines) + "\n")
+        return str(build)
+
+    good = dict(CMAKE_COMMAND=tool / "cmake", CMAKE_MAKE_PROGRAM=tool / "ninja",
+                Torch_DIR=torch_dir / "Torch")
+    packages = {"Torch": str(torch_dir)}
+    assert cmake_cache.stale_reason(str(tmp_path / "none"), packages) is None
+    assert cmake_cache.stale_reason(cache(**good), packages, str(tool / "ninja")) is None
+    vanished = dict(good, CMAKE_MAKE_PROGRAM=tmp_path / "old" / "ninja")  # a removed venv's
+    gone = cmake_cache.stale_reason(cache(**vanished), packages)
+    assert "CMAKE_MAKE_PROGRAM" in gone and "no longer exists" in gone
+    assert "CMAKE_COMMAND" in cmake_cache.stale_reason(
+        cache(**dict(good, CMAKE_COMMAND=tmp_path / "old" / "cmake")), packages)
+    assert "builds with" in cmake_cache.stale_reason(cache(**good), packages, str(tool / "cmake"))
+    assert "found Torch" in cmake_cache.stale_reason(
+        cache(**dict(good, Torch_DIR=tmp_path / "other" / "Torch")), packages)
