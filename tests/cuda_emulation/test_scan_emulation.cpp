@@ -31,6 +31,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda_shim.h"
@@ -504,6 +505,117 @@ TEST(EmulatedScanAccuracy, Float32BackwardVsFloat64) {
                        std::to_string(max_error));
         EXPECT_LE(max_error, 2 * cpu_max_error + 1e-6) << what << " N=" << N << " " << plan.name;
         EXPECT_LE(l2_error, 2 * cpu_l2_error + 1e-6) << what << " N=" << N << " " << plan.name;
+      }
+    }
+  }
+}
+
+// The backward's float32 error where it is hardest, next to the CPU kernel's on the same
+// problems: scores that fall along the sequence or spread widely (one token dominates the
+// outputs after it, out_j ~ v_i, where d/d s_i = sum_j e^(s_i - L_j) (g_j . (v_i - out_j) + G_j)
+// is formed from sums that must not cancel: docs/design.md, "Backward"), with and without a
+// state, and scores at large constant offsets (+-1e4, 1e6) with a state near them; on a GPU
+// that chunks the sequences (two levels of chunk summaries at N = 8192) and on one that runs
+// each in one pass. The gradients d/d scores, values and the state's out, against the CPU
+// kernel in float64, are held to the CPU kernel's error (each from float32 forward outputs of
+// its own): normwise, ||error||_2 / ||reference||_2 within kL2 times the CPU's,
+// and max |error| / max |reference| within kMax times (the largest of thousands of errors
+// moves by more between two equally good orders of summation: the CPU kernel split into
+// chunks ranged from 0.1x to 1.2x its unsplit self here). Formed as v . R - rho, the CUDA
+// backward's d/d scores had 1.4x to 10x the CPU kernel's max error here.
+TEST(EmulatedScanAccuracy, Float32BackwardWithinCpuErrorWhereOneTokenDominates) {
+  constexpr double kL2 = 1.25;
+  constexpr double kMax = 2.0;
+  const UnsplitCpuScope unsplit_cpu;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  // Float64 copies of float32 numbers: every run differentiates the same loss.
+  const auto in_f32 = [](const at::Tensor& t) { return t.to(at::kFloat).to(at::kDouble); };
+  struct Kind {
+    std::string name;
+    int64_t N;
+    bool state;
+    double offset;  // 0: falling and widely spread scores; else randn * 2 + offset
+  };
+  const std::vector<Kind> kinds = {
+      {"dominated", 8192, false, 0.0},
+      {"dominated_state", 2048, true, 0.0},
+      {"offset+1e4_state", 2048, true, 1e4},
+      {"offset-1e4_state", 2048, true, -1e4},
+      {"offset+1e6_state", 1024, true, 1e6},
+  };
+  const int64_t B = 1, H = 4, D = 32;
+  for (const Kind& kind : kinds) {
+    at::manual_seed(kind.N + static_cast<int64_t>(kind.offset) + kind.state);
+    const int64_t N = kind.N;
+    at::Tensor scores;
+    if (kind.offset == 0.0) {
+      const at::Tensor t = at::linspace(0, 1, N, f64).view({1, N, 1});
+      const at::Tensor noise = at::randn({B, N, H}, f64);
+      scores = at::cat({100 - 200 * t + noise.narrow(2, 0, 2), 30 * noise.narrow(2, 2, 2)}, 2);
+    } else {
+      scores = at::randn({B, N, H}, f64) * 2 + kind.offset;
+    }
+    Problem p64;
+    p64.scores = in_f32(scores);
+    p64.values = in_f32(at::randn({B, N, H, D}, f64));
+    p64.grad_out = in_f32(at::randn({B, N, H, D}, f64));
+    p64.grad_lse = in_f32(at::randn({B, N, H}, f64));
+    if (kind.state) {
+      p64.state_lse = kind.offset == 0.0 ? at::randn({B, H}, f64) * 5
+                                         : at::randn({B, H}, f64) + kind.offset + 3;
+      p64.state_out = at::randn({B, H, D}, f64);
+    }
+    Problem p32 = p64;
+    p32.scores = p64.scores.to(at::kFloat);
+    p32.values = p64.values.to(at::kFloat);
+    p32.grad_out = p64.grad_out->to(at::kFloat);
+
+    ForwardArgs f_ref = forward_args(p64, 0);
+    cpu::scan_forward(f_ref);
+    BackwardArgs b_ref = backward_args(p64, f_ref, 0);
+    cpu::scan_backward(b_ref);
+    ForwardArgs f_cpu = forward_args(p32, 0);
+    cpu::scan_forward(f_cpu);
+    BackwardArgs b_cpu = backward_args(p32, f_cpu, 0);
+    cpu::scan_backward(b_cpu);
+
+    struct Plan {
+      const char* name;
+      int multiprocessors;
+      int threads_per_multiprocessor;
+    };
+    for (const Plan& plan : {Plan{"chunked", 108, 2048}, Plan{"one_pass", 1, 128}}) {
+      const DeviceScope device(plan.multiprocessors, plan.threads_per_multiprocessor, false);
+      ForwardArgs f_gpu = forward_args(p32, 0);
+      gpu::scan_forward(f_gpu);
+      BackwardArgs b_gpu = backward_args(p32, f_gpu, 0);
+      gpu::scan_backward(b_gpu);
+      std::vector<std::tuple<const char*, at::Tensor, at::Tensor, at::Tensor>> gradients = {
+          {"grad_scores", b_gpu.grad_scores, b_cpu.grad_scores, b_ref.grad_scores},
+          {"grad_values", b_gpu.grad_values, b_cpu.grad_values, b_ref.grad_values}};
+      if (kind.state) {
+        gradients.push_back({"grad_state_out", b_gpu.grad_state_out, b_cpu.grad_state_out,
+                             b_ref.grad_state_out});
+      }
+      for (const auto& [what, got, cpu_got, ref] : gradients) {
+        const double scale = ref.abs().max().item<double>();
+        const double norm = ref.norm().item<double>();
+        const at::Tensor error = got.to(at::kDouble) - ref;
+        const at::Tensor cpu_error = cpu_got.to(at::kDouble) - ref;
+        const double max_error = error.abs().max().item<double>() / scale;
+        const double cpu_max_error = cpu_error.abs().max().item<double>() / scale;
+        const double l2_error = error.norm().item<double>() / norm;
+        const double cpu_l2_error = cpu_error.norm().item<double>() / norm;
+        std::printf("float32 backward %-17s N=%-5lld %-8s %-14s: max %.2e, CPU kernel %.2e "
+                    "(%.2fx); l2 %.2e, CPU kernel %.2e (%.2fx)\n",
+                    kind.name.c_str(), static_cast<long long>(N), plan.name, what, max_error,
+                    cpu_max_error, max_error / cpu_max_error, l2_error, cpu_l2_error,
+                    l2_error / cpu_l2_error);
+        const std::string where = std::string(what) + " " + kind.name + " " + plan.name;
+        RecordProperty(kind.name + "_" + plan.name + "_" + what,
+                       std::to_string(l2_error / cpu_l2_error));
+        EXPECT_LE(l2_error, kL2 * cpu_l2_error) << where;
+        EXPECT_LE(max_error, kMax * cpu_max_error) << where;
       }
     }
   }

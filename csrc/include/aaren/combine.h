@@ -94,19 +94,56 @@ AAREN_HOST_DEVICE MaxSum<T> max_sum_of(double lse) {
   return {max, std::exp(static_cast<T>(lse - static_cast<double>(max)))};
 }
 
-// With a state (L_0, o_0), the initial state's gradient dL_0 = f (o_0 . R_1 - rho_1) is
-// formed as -f rho'_1, rho' being rho with the outputs shifted by o_0 (g_j . (o_j - o_0)):
-// a sum of per-token terms that are small where the state dominates, instead of the
-// difference of two large sums (which lost ~sqrt(N) more than plain PyTorch). The CUDA
-// backward shifts values and outputs alike (an average of values shifted by o_0 is the
-// average shifted by o_0, so R is unchanged and ds_i = e^(s_i - L_i) ((v_i - o_0) . R_i -
-// rho'_i)), so that one rho serves both. (The CPU backward shifts by each token's own out
-// instead, which also keeps ds from cancelling: scan_kernel.cpp, "Backward".) o_0 is
-// rounded to the values' dtype T as the outputs o_j are, so o_j - o_0 is exactly 0 where
-// every token is masked.
+// ---- The backward's Q ---------------------------------------------------------------
+// The backward's reverse recurrences (docs/design.md, "Backward"), with g_i = dLoss/do_i,
+// G_i = dLoss/dL_i and the gates a_i = e^(L_i - L_{i+1}) (a_N = 0):
+//   R_i = g_i + a_i R_{i+1},   rho_i = (g_i . o_i - G_i) + a_i rho_{i+1},
+//   ds_i = e^(s_i - L_i) (v_i . R_i - rho_i),   dL_0 = f (o_0 . R_1 - rho_1), f = e^(L_0 - L_1).
+// v_i . R_i - rho_i = sum_j e^(L_i - L_j) (g_j . (v_i - o_j) + G_j) cancels two sums that
+// grow as sqrt(N) where a token dominates the outputs after it (o_j ~ v_i). Both backwards
+// keep instead Q_i = o_i . R_i - rho_i, whose steps are small where the outputs move little:
+//   Q_i = a_i Q_{i+1} + q_term,  q_term = a_i (o_i - o_{i+1}) . R_{i+1} + G_i,
+//   ds_i = e^(s_i - L_i) ((v_i - o_i) . R_i + Q_i),   dL_0 = f (Q_1 + (o_0 - o_1) . R_1).
+// The CUDA backward runs these with its gates, taken in float64 (scan_backward.cu); the CPU
+// backward holds R and Q against a reference r instead (S = e^(r - L_i) R_i, Q against it
+// alike: the gate is 1 and G_i is weighted by e^(r - L_i); scan_kernel.cpp, "Backward"). Q is
+// float64 in both (a scalar per sequence costs little, and it sums every G_i, which are
+// float64).
+
+// The constant of Q's affine step Q_i = gate Q_{i+1} + q_term: out_step_dot is
+// (o_i - o_{i+1}) . R_{i+1} in the accumulation type, lse_term G_i (times e^(r - L_i)
+// against a reference).
+AAREN_HOST_DEVICE double q_term(double gate, double out_step_dot, double lse_term) {
+  return gate * out_step_dot + lse_term;
+}
+
+// ds_i = e (dot + Q_i), e = e^(s_i - L_i) (or e^(s_i - r) against a reference) and
+// dot = (v_i - o_i) . R_i; the sum in float64, rounded once.
+template <typename acc_t>
+AAREN_HOST_DEVICE acc_t score_gradient(acc_t e, double value_dot, double q) {
+  return e * static_cast<acc_t>(value_dot + q);
+}
+
+// The state as a token before the first: dL_0 = f (Q_1 + (o_0 - o_1) . R_1), shift_dot the
+// last product, summed over the features of shift_product's terms.
+template <typename acc_t>
+AAREN_HOST_DEVICE double state_lse_gradient(acc_t f, double q, double shift_dot) {
+  return static_cast<double>(f) * (q + shift_dot);
+}
+
+// The state's out o_0 rounded to the values' dtype T as the outputs o_j are, so that
+// o_0 - o_1 is exactly 0 where every token so far is masked (the outputs are then the
+// state's out, rounded).
 template <typename T, typename acc_t>
 AAREN_HOST_DEVICE acc_t rounded_state_out(double out) {
   return static_cast<acc_t>(static_cast<T>(out));
+}
+
+// One feature's term of (o_0 - o_1) . R_1, in float64, o_1 and R_1 as the walk holds them.
+template <typename T, typename acc_t>
+AAREN_HOST_DEVICE double shift_product(double state_out, acc_t out, acc_t r) {
+  return static_cast<double>(rounded_state_out<T, acc_t>(state_out) - out) *
+         static_cast<double>(r);
 }
 
 // ---- Streaming forms, for the sequential pass over tokens ---------------------
