@@ -516,13 +516,15 @@ TEST(EmulatedScanAccuracy, Float32BackwardVsFloat64) {
 // is formed from sums that must not cancel: docs/design.md, "Backward"), with and without a
 // state, and scores at large constant offsets (+-1e4, 1e6) with a state near them; on a GPU
 // that chunks the sequences (two levels of chunk summaries at N = 8192) and on one that runs
-// each in one pass. The gradients d/d scores, values and the state's out, against the CPU
-// kernel in float64, are held to the CPU kernel's error (each from float32 forward outputs of
-// its own): normwise, ||error||_2 / ||reference||_2 within kL2 times the CPU's,
-// and max |error| / max |reference| within kMax times (the largest of thousands of errors
-// moves by more between two equally good orders of summation: the CPU kernel split into
-// chunks ranged from 0.1x to 1.2x its unsplit self here). Formed as v . R - rho, the CUDA
-// backward's d/d scores had 1.4x to 10x the CPU kernel's max error here.
+// each in one pass. Every gradient (d/d scores, values and the state's lse and out), against
+// the CPU kernel in float64, is held to the CPU kernel's error, each from float32 forward
+// outputs of its own (the state's lse gradient takes them as they are: while the forwards
+// summed in float32 their outputs' errors differed, and its four values per problem ranged
+// from 0.2x to 5.8x the CPU kernel's error): normwise, ||error||_2 / ||reference||_2 within
+// kL2 times the CPU's, and max |error| / max |reference| within kMax times (the largest of
+// thousands of errors moves by more between two equally good orders of summation: the CPU
+// kernel split into chunks ranged from 0.1x to 1.2x its unsplit self here). Formed as
+// v . R - rho, the CUDA backward's d/d scores had 1.4x to 10x the CPU kernel's max error here.
 TEST(EmulatedScanAccuracy, Float32BackwardWithinCpuErrorWhereOneTokenDominates) {
   constexpr double kL2 = 1.25;
   constexpr double kMax = 2.0;
@@ -594,6 +596,8 @@ TEST(EmulatedScanAccuracy, Float32BackwardWithinCpuErrorWhereOneTokenDominates) 
           {"grad_scores", b_gpu.grad_scores, b_cpu.grad_scores, b_ref.grad_scores},
           {"grad_values", b_gpu.grad_values, b_cpu.grad_values, b_ref.grad_values}};
       if (kind.state) {
+        gradients.push_back({"grad_state_lse", b_gpu.grad_state_lse, b_cpu.grad_state_lse,
+                             b_ref.grad_state_lse});
         gradients.push_back({"grad_state_out", b_gpu.grad_state_out, b_cpu.grad_state_out,
                              b_ref.grad_state_out});
       }

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define AAREN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -36,8 +37,9 @@ AAREN_HOST_DEVICE T exp_of_difference(T x, T y) {
 // enough: a key bias folds into one) loses log u when held in float32: at |m| ~ 1e4 its ulp
 // is ~1e-3, a relative error of 1e-3 in every weight e^(s - L). So every L the kernels
 // store or read (the state's, the per-token lse saved for the backward, chunk summaries)
-// is float64, while the running maximum m and the sums stay in the accumulation type T:
-// differences are taken in float64, exponentials in T (they are of moderate arguments).
+// is float64, while the running maximum m stays in the accumulation type T: differences are
+// taken in float64, exponentials in T (they are of moderate arguments). The forward's
+// running sums are float64 too (below, "The forward's running sums").
 
 // e^(x - y) in T for float64 x <= y (up to rounding), 0 when x = -inf ("nothing there").
 // The difference, exact in float64, is split into hi (rounded to T) and lo (the rest, below
@@ -70,28 +72,27 @@ AAREN_HOST_DEVICE T exp_of_difference_wide(double x, double y) {
 
 // L = m + log u in float64, -inf when u = 0 (nothing seen).
 template <typename T>
-AAREN_HOST_DEVICE double lse_of_wide(T running_max, T denominator) {
-  return denominator == T(0)
-      ? negative_infinity<double>()
-      : static_cast<double>(running_max) + std::log(static_cast<double>(denominator));
+AAREN_HOST_DEVICE double lse_of_wide(T running_max, double denominator) {
+  return denominator == 0.0 ? negative_infinity<double>()
+                            : static_cast<double>(running_max) + std::log(denominator);
 }
 
-// The online-softmax scalars (m, u) that represent a float64 log-sum L exactly enough:
-// m = L rounded to T, u = e^(L - m) (within an ulp of 1); (-inf, 0) for L = -inf. A state
-// (L, o) enters a scan as (m, u, w = u o).
+// The online-softmax scalars (m, u): the running maximum in T, the denominator in float64.
+// For a float64 log-sum L (a state, a chunk summary): m = L rounded to T, u = e^(L - m) in
+// float64; (-inf, 0) for L = -inf. A state (L, o) enters a scan as (m, u, w = u o).
 template <typename T>
 struct MaxSum {
   T max;
-  T sum;
+  double sum;
 };
 
 template <typename T>
 AAREN_HOST_DEVICE MaxSum<T> max_sum_of(double lse) {
   if (lse == negative_infinity<double>()) {
-    return {negative_infinity<T>(), T(0)};
+    return {negative_infinity<T>(), 0.0};
   }
   const T max = static_cast<T>(lse);
-  return {max, std::exp(static_cast<T>(lse - static_cast<double>(max)))};
+  return {max, std::exp(lse - static_cast<double>(max))};
 }
 
 // ---- The backward's Q ---------------------------------------------------------------
@@ -146,12 +147,27 @@ AAREN_HOST_DEVICE double shift_product(double state_out, acc_t out, acc_t r) {
          static_cast<double>(r);
 }
 
+// ---- The forward's running sums ---------------------------------------------------
+// The denominator u = sum e^(s_i - m) is float64, and so is the numerator
+// w = sum e^(s_i - m) v_i for float32 (and float64) values: their terms are the exps in the
+// accumulation type, summed in float64, and out = w (1/u) is rounded once. Summed in float32,
+// the sums' rounding, carried along the sequence, put several ulps of error into every out,
+// and the backward, which takes the outs as they are, passed it on: the state's lse gradient
+// sum_j e^(L_0 - L_j) (g_j . (o_0 - o_j) + G_j) broke the tests' rule on 20 of 300 random
+// mixed problems (tests/scan_problems.py), by up to 3.4x; none now (docs/design.md,
+// "Backward"). u alone in float64 made it worse where one token dominates (modelled: up to
+// 9x, w / u no longer dividing sums rounded alike). The half types keep w in float32: their
+// outputs round to 8 or 11 bits.
+template <typename T, typename acc_t>
+using numerator_type =
+    std::conditional_t<std::is_same_v<T, float> || std::is_same_v<T, double>, double, acc_t>;
+
 // ---- Streaming forms, for the sequential pass over tokens ---------------------
 // The (lse, out) recurrence rounds lse at every token, and since out is renormalized
 // with exp(L_{k-1} - L_k) the rounding drifts over long sequences. The kernels instead
 // run FlashAttention's online softmax: (max m, denominator u = sum e^(s_i - m),
-// numerator w = sum e^(s_i - m) v_i), rescaled only when the maximum rises, so that
-// adding a token is a plain sum; out = w / u and lse = m + log u per token.
+// numerator w = sum e^(s_i - m) v_i; the sums as above), rescaled only when the maximum
+// rises, so that adding a token is a plain sum; out = w / u and lse = m + log u per token.
 
 // Weights for a running (m, u, w) taking in a token with score s:
 //   u <- weight_old * u + weight_new,  w <- weight_old * w + weight_new * v.
@@ -180,6 +196,13 @@ AAREN_HOST_DEVICE RescaleWeights<T> add_score(T& running_max, T score) {
 template <typename T>
 AAREN_HOST_DEVICE T reciprocal_or_zero(T denominator) {
   return denominator == T(0) ? T(0) : T(1) / denominator;
+}
+
+// 1/u of the float64 denominator in the numerator's type sum_t (rounded to it once where
+// that is float32): out = w (1/u).
+template <typename sum_t>
+AAREN_HOST_DEVICE sum_t inverse_of_sum(double denominator) {
+  return static_cast<sum_t>(reciprocal_or_zero(denominator));
 }
 
 // The backward sums run from the last token back: R_i = sum_{j>=i} e^(L_i - L_j) g_j and

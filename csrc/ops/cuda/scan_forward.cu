@@ -2,7 +2,9 @@
 // with the CPU kernel's results and arithmetic (aaren/combine.h). Running max m_k,
 // denominator u_k = sum e^(s_i - m_k) and, per feature, the unnormalized numerator
 //   w_k = alpha_k w_{k-1} + beta_k v_k,  alpha_k = e^(m_{k-1} - m_k), beta_k = e^(s_k - m_k)
-// (one of them exactly 1); out_k = w_k / u_k and L_k = m_k + log u_k. (The normalized form
+// (one of them exactly 1); out_k = w_k / u_k and L_k = m_k + log u_k. The sums u and w are
+// float64 as the CPU's (combine.h, "The forward's running sums": w float32 for half
+// types), and so are the chunk summaries of float32 values. (The normalized form
 // o_k = a_k o_{k-1} + b_k v_k with a_k = e^(L_{k-1} - L_k) would round L at every token, and
 // those roundings accumulate in o.) Between tiles a warp carries (m, u) and w, so nothing
 // is renormalized within a chunk. Work layout and chunks: scan_common.cuh.
@@ -25,6 +27,7 @@ namespace {
 template <typename T, typename score_t, typename state_t>
 struct ForwardParams {
   using acc_t = at::opmath_type<T>;
+  using sum_t = numerator_type<T, acc_t>;  // the numerators' (combine.h): float64 for float32
   Shape shape;
   int64_t dtiles;  // warps per (sequence, chunk), each over 32 * VEC features
   Strided<const score_t> scores;  // [B, N, H]
@@ -34,7 +37,7 @@ struct ForwardParams {
   Strided<const state_t> state_out; // [B, H, D]
   // Scan, chunk c > 0: the state after chunk c - 1, [B, C, H(, D)] contiguous.
   const double* carry_lse;
-  const acc_t* carry_out;
+  const sum_t* carry_out;
   // Scan: out [B, N, H, D] and lse [B, N, H], contiguous; final_out [B, H, D] (level 0
   // only, else nullptr): the unrounded out after the last token.
   T* out;
@@ -42,7 +45,7 @@ struct ForwardParams {
   state_t* final_out;
   // Summarize: (lse, out) of each chunk's tokens alone, [B, C, H(, D)] contiguous.
   double* summary_lse;
-  acc_t* summary_out;
+  sum_t* summary_out;
 
   __host__ __device__ int64_t num_items() const {
     return shape.batch * shape.num_chunks * shape.heads * dtiles;
@@ -61,6 +64,7 @@ template <typename T, typename score_t, typename state_t, int VEC, bool kSummari
 __global__ void __launch_bounds__(kForwardThreads, 4)
     forward_chunk_kernel(const ForwardParams<T, score_t, state_t> p) {
   using acc_t = at::opmath_type<T>;
+  using sum_t = numerator_type<T, acc_t>;
   // Tokens whose values are loaded ahead of use: 32 to 128 bytes in flight per lane
   // (at most 16 tokens, 8 of an 8-byte type: more than that spills registers, since each
   // token's three broadcast weights are held alongside its values).
@@ -87,32 +91,32 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
   // The online softmax before the chunk's first token: (m, u) and this lane's numerators
   // w. The state (L0, o0) (chunk 0) or the carry from the previous chunks enters as
   // (m, u, u o0) with (m, u) = max_sum_of(L0), the empty one (L0 = -inf) as (-inf, 0, 0).
-  MaxSum<acc_t> carry{negative_infinity<acc_t>(), acc_t(0)};
-  acc_t w[VEC];
+  MaxSum<acc_t> carry{negative_infinity<acc_t>(), 0.0};
+  sum_t w[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    w[k] = acc_t(0);
+    w[k] = sum_t(0);
   }
   if constexpr (!kSummarize) {
     if (chunk == 0) {
       if (p.state_lse.data != nullptr) {
         carry = max_sum_of<acc_t>(*p.state_lse.row(b, h));
-        if (active && carry.sum != acc_t(0)) {
+        if (active && carry.sum != 0.0) {
           const state_t* row = p.state_out.row(b, h) + d;  // any alignment: per element
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            w[k] = static_cast<acc_t>(carry.sum * row[k]);
+            w[k] = static_cast<sum_t>(carry.sum * row[k]);
           }
         }
       }
     } else {
       const int64_t index = shape.chunk_index(b, chunk - 1, h);
       carry = max_sum_of<acc_t>(p.carry_lse[index]);
-      if (active && carry.sum != acc_t(0)) {
-        const Pack<acc_t, VEC> carried = load_pack<VEC>(p.carry_out + index * shape.dim + d);
+      if (active && carry.sum != 0.0) {
+        const Pack<sum_t, VEC> carried = load_pack<VEC>(p.carry_out + index * shape.dim + d);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          w[k] = carry.sum * carried.elem[k];
+          w[k] = static_cast<sum_t>(carry.sum * static_cast<double>(carried.elem[k]));
         }
       }
     }
@@ -124,23 +128,23 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
     const int count = static_cast<int>(std::min<int64_t>(kWarpSize, n_end - tile));
     const int64_t n = tile + lane;
     // A token (s, 1) on level 0; a chunk summary's float64 lse as max_sum_of(lse).
-    MaxSum<acc_t> token{negative_infinity<acc_t>(), acc_t(0)};
+    MaxSum<acc_t> token{negative_infinity<acc_t>(), 0.0};
     if (lane < count) {
       const score_t score = score_row[n * p.scores.stride_n];
       if constexpr (std::is_same_v<score_t, double> && !std::is_same_v<acc_t, double>) {
         token = max_sum_of<acc_t>(score);
       } else {
         const acc_t s = static_cast<acc_t>(score);
-        token = {s, s == negative_infinity<acc_t>() ? acc_t(0) : acc_t(1)};
+        token = {s, s == negative_infinity<acc_t>() ? 0.0 : 1.0};
       }
     }
     const TileSoftmax<acc_t> t = tile_online_softmax(token, carry, lane);
-    acc_t inverse = 0;  // 1 / u after token `lane`
+    sum_t inverse = 0;  // 1 / u after token `lane`
     if constexpr (!kSummarize) {
       if (dtile == 0 && lane < count) {
         p.lse[shape.token_index(b, n, h)] = lse_of_wide(t.state.max, t.state.sum);
       }
-      inverse = reciprocal_or_zero(t.state.sum);
+      inverse = inverse_of_sum<sum_t>(t.state.sum);
     }
     carry = {__shfl_sync(kFullMask, t.state.max, kWarpSize - 1),
              __shfl_sync(kFullMask, t.state.sum, kWarpSize - 1)};
@@ -157,15 +161,16 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
       for (int u = 0; u < kBatch; ++u) {
         const acc_t keep = __shfl_sync(kFullMask, t.keep, first + u);
         const acc_t take = __shfl_sync(kFullMask, t.take, first + u);
-        acc_t scale = 0;
+        sum_t scale = 0;
         if constexpr (!kSummarize) {
           scale = __shfl_sync(kFullMask, inverse, first + u);
         }
         if (active && first + u < count) {
-          acc_t o[VEC];
+          sum_t o[VEC];
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            w[k] = fma(keep, w[k], take * static_cast<acc_t>(v[u].elem[k]));
+            w[k] = fma(static_cast<sum_t>(keep), w[k],
+                       static_cast<sum_t>(take) * static_cast<sum_t>(v[u].elem[k]));
             o[k] = w[k] * scale;
           }
           if constexpr (!kSummarize) {
@@ -183,8 +188,8 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
       p.summary_lse[index] = lse_of_wide(carry.max, carry.sum);
     }
     if (active) {
-      const acc_t inverse = reciprocal_or_zero(carry.sum);
-      acc_t o[VEC];
+      const sum_t inverse = inverse_of_sum<sum_t>(carry.sum);
+      sum_t o[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         o[k] = w[k] * inverse;
@@ -226,6 +231,7 @@ void launch_forward(const ForwardParams<T, score_t, state_t>& p, int vec) {
 template <typename T, typename score_t, typename state_t>
 void forward_level(ForwardParams<T, score_t, state_t> p, int vec, const at::Tensor& like) {
   using acc_t = at::opmath_type<T>;
+  using sum_t = numerator_type<T, acc_t>;
   Shape& shape = p.shape;
   p.dtiles = std::max<int64_t>(1, ceil_div(shape.dim, kWarpSize * vec));
   const ChunkPlan plan =
@@ -238,29 +244,29 @@ void forward_level(ForwardParams<T, score_t, state_t> p, int vec, const at::Tens
   at::Tensor summary_lse, summary_out, carry_lse, carry_out;  // alive until all launches
   if (plan.num_chunks > 1) {
     const int64_t B = shape.batch, C = plan.num_chunks, H = shape.heads, D = shape.dim;
-    const at::TensorOptions options = acc_options<acc_t>(like);
+    const at::TensorOptions options = acc_options<sum_t>(like);
     const at::TensorOptions lse_options = acc_options<double>(like);
     summary_lse = at::empty({B, C, H}, lse_options);
     summary_out = at::empty({B, C, H, D}, options);
     p.summary_lse = summary_lse.mutable_data_ptr<double>();
-    p.summary_out = summary_out.mutable_data_ptr<acc_t>();
+    p.summary_out = summary_out.mutable_data_ptr<sum_t>();
     launch_forward<true>(p, vec);
 
     // The chunks as tokens (score = chunk lse, value = chunk out) from the same initial
     // state: their outputs are the states after each chunk.
     carry_lse = at::empty({B, C, H}, lse_options);
     carry_out = at::empty({B, C, H, D}, options);
-    ForwardParams<acc_t, double, state_t> chunks{};
+    ForwardParams<sum_t, double, state_t> chunks{};
     chunks.shape = {B, C, H, D, C, 1};
     chunks.scores = contiguous<const double>(p.summary_lse, C, H, 1);
-    chunks.values = contiguous<const acc_t>(p.summary_out, C, H, D);
+    chunks.values = contiguous<const sum_t>(p.summary_out, C, H, D);
     chunks.state_lse = p.state_lse;
     chunks.state_out = p.state_out;
-    chunks.out = carry_out.mutable_data_ptr<acc_t>();
+    chunks.out = carry_out.mutable_data_ptr<sum_t>();
     chunks.lse = carry_lse.mutable_data_ptr<double>();
-    const int chunk_vec = pick_vec<acc_t>(
-        D, {{chunks.values.data, sizeof(acc_t), {C * H * D, H * D, D}},
-            {chunks.out, sizeof(acc_t), {C * H * D, H * D, D}}});
+    const int chunk_vec = pick_vec<sum_t>(
+        D, {{chunks.values.data, sizeof(sum_t), {C * H * D, H * D, D}},
+            {chunks.out, sizeof(sum_t), {C * H * D, H * D, D}}});
     forward_level(chunks, chunk_vec, like);
     p.carry_lse = chunks.lse;
     p.carry_out = chunks.out;
