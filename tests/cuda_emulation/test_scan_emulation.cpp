@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cuda_shim.h"
+#include "emulation_testing.h"
 #include "ops/cpu/scan_kernel.h"
 #include "ops/scan.h"
 
@@ -50,61 +51,10 @@ using aaren::ops::ForwardArgs;
 namespace cpu = aaren::ops::cpu::DEFAULT;
 namespace gpu = aaren::ops::cuda;
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
-
-// The emulated GPU for one case: `multiprocessors` SMs of 2048 threads. The host code splits
-// a sequence into chunks when its warps fill less than half of the GPU, so the size of the
-// emulated GPU picks the chunk plan.
-struct DeviceScope {
-  emu::Device saved = emu::device();
-  emu::Options saved_options = emu::options();
-  DeviceScope(int multiprocessors, int threads_per_multiprocessor, bool reverse) {
-    emu::device().multiprocessors = multiprocessors;
-    emu::device().max_threads_per_multiprocessor = threads_per_multiprocessor;
-    emu::options().reverse_order = reverse;
-  }
-  ~DeviceScope() {
-    emu::device() = saved;
-    emu::options() = saved_options;
-  }
-};
-
-// Why `got` differs from `ref` beyond atol + rtol |ref| (empty when it does not): NaN and
-// infinities must be where the reference has them, and exact zeros (masked outputs, zero
-// gradients) must stay exact.
-std::string mismatch(const at::Tensor& ref_in, const at::Tensor& got_in, double atol, double rtol) {
-  const at::Tensor ref = ref_in.to(at::kDouble);
-  const at::Tensor got = got_in.to(at::kDouble);
-  if (!ref.sizes().equals(got.sizes())) {
-    return "shape";
-  }
-  std::string why;
-  if (!at::equal(ref.isnan(), got.isnan())) {
-    why += " NaN at " + std::to_string(ref.isnan().sum().item<int64_t>()) + " vs " +
-           std::to_string(got.isnan().sum().item<int64_t>()) + " places;";
-  }
-  const at::Tensor ref_inf = ref.isinf();
-  if (!at::equal(ref_inf, got.isinf())) {
-    why += " infinities at other places;";
-  } else if (ref_inf.any().item<bool>() &&
-             !at::equal(ref.masked_select(ref_inf), got.masked_select(ref_inf))) {
-    why += " infinities of another sign;";
-  }
-  const at::Tensor finite = ref.isfinite() & got.isfinite();
-  const at::Tensor lost_zero = (ref == 0) & finite & (got != 0);
-  if (lost_zero.any().item<bool>()) {
-    why += " " + std::to_string(lost_zero.sum().item<int64_t>()) +
-           " exact zeros not kept (largest " +
-           std::to_string(got.masked_select(lost_zero).abs().max().item<double>()) + ");";
-  }
-  const at::Tensor diff = (ref - got).abs().masked_fill(~finite, 0);
-  const at::Tensor excess = diff - (atol + rtol * ref.abs().masked_fill(~finite, 0));
-  if (excess.numel() > 0 && excess.max().item<double>() > 0) {
-    why += " max difference " + std::to_string(diff.max().item<double>()) + " (atol " +
-           std::to_string(atol) + ", rtol " + std::to_string(rtol) + ");";
-  }
-  return why;
-}
+using emulation_testing::DeviceScope;
+using emulation_testing::kInf;
+using emulation_testing::mismatch;
+using emulation_testing::UnsplitCpuScope;
 
 enum class Mask {
   kNone,
@@ -413,29 +363,6 @@ TEST(EmulatedScanAccuracy, Float32ForwardWithinCpuError) {
     EXPECT_EQ(mismatch(ref_lse, args.lse, 1e-5, 1e-5), "") << "lse, launches " << launches;
   }
 }
-
-// The CPU kernels with every sequence in one pass (AAREN_CPU_SEQUENCE_CHUNKS=1) for the
-// scope: the bar the GPU's float32 error is held to is the one-pass streaming sum's. (Split
-// into chunks, the CPU's sums are partly pairwise and more accurate at long N.)
-class UnsplitCpuScope {
- public:
-  UnsplitCpuScope() {
-    const char* old = std::getenv(kName);
-    saved_ = old == nullptr ? std::nullopt : std::optional<std::string>(old);
-    setenv(kName, "1", 1);
-  }
-  ~UnsplitCpuScope() {
-    if (saved_) {
-      setenv(kName, saved_->c_str(), 1);
-    } else {
-      unsetenv(kName);
-    }
-  }
-
- private:
-  static constexpr const char* kName = "AAREN_CPU_SEQUENCE_CHUNKS";
-  std::optional<std::string> saved_;
-};
 
 // The backward's error in float32 against float64, next to the CPU kernel's, for
 // grad_values and grad_scores: normwise, max |error| / max |reference| and

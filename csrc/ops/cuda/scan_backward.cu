@@ -12,7 +12,8 @@
 // since R's terms are products of gates, and gates rounded to acc_t put an ulp per token
 // into them (with float32 gates: up to 1.7x the CPU kernel's largest error in d/d scores and
 // 2.6x in the state's lse gradient, in one pass over 1024 or 2048 tokens).
-// Work layout and chunks: scan_common.cuh. The chunk summaries are the same recurrence a
+// Work layout and chunks: scan_common.cuh; the same kernels run aaren.scan's dense sequences
+// and aaren.scan_varlen's packed ones (its sequence locators). The chunk summaries are the same recurrence a
 // level up: chunk c is a token whose g is its R^c at its first token from nothing after it,
 // whose G is its Q^c so, whose out is the out at its first token, with the gate
 // A_c = e^(L_first(c) - L_first(c+1)), since
@@ -42,10 +43,13 @@ namespace {
 // T is the type of the vectors g (and, on level 0, of scores and values): the input dtype
 // on level 0, the accumulation type on the levels of chunk summaries. O is the type of the
 // outputs o, the input dtype on every level (the summary levels read level 0's out).
-template <typename T, typename O, typename state_t>
+// Seq locates each sequence's tokens (scan_common.cuh): DenseSequences for aaren.scan and
+// every level of chunk summaries, PackedSequences for aaren.scan_varlen's tokens.
+template <typename T, typename O, typename state_t, typename Seq = DenseSequences>
 struct BackwardParams {
   using acc_t = at::opmath_type<T>;
   Shape shape;
+  Seq sequences;
   Strided<const double> lse;  // [B, N, H]: the gates a_i = e^(L_i - L_{i+1})
   Strided<const T> grad;      // g_i, [B, N, H, D]; data == nullptr reads as zeros
   // o_i, [B, N, H, D]: level 0 the forward's out; a summary level the out at each chunk's
@@ -72,6 +76,12 @@ struct BackwardParams {
   // Summarize: R and Q at each chunk's first token, from nothing after the chunk.
   acc_t* summary_R;
   double* summary_Q;
+  // Summarize, packed sequences only (else nullptr): the lse and out at each chunk's first
+  // token, [B, C, H(, D)], the summary level's lse and out (a dense level reads them in
+  // place, every chunk_len tokens). A chunk past its sequence's end gets out 0 and the lse of
+  // the sequence's last token: its summary is zero, and its gates stay finite.
+  double* first_lse;
+  O* first_out;
 };
 
 constexpr int kBackwardMaxWarps = 8;  // warps sharing one sequence's features
@@ -85,10 +95,10 @@ constexpr int kBackwardMaxThreads = kBackwardMaxWarps * kWarpSize;
 //            state gradients); otherwise a sequence of chunk summaries (g = chunk R,
 //            G = chunk Q, outputs R and Q per token).
 //   kSummarize: phase 1, from nothing after the chunk, writing R and Q at its first token.
-template <typename T, typename O, typename state_t, int VEC, int SLOTS, bool kLevel0,
-          bool kSummarize>
+template <typename T, typename O, typename state_t, typename Seq, int VEC, int SLOTS,
+          bool kLevel0, bool kSummarize>
 __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
-    backward_chunk_kernel(const BackwardParams<T, O, state_t> p) {
+    backward_chunk_kernel(const BackwardParams<T, O, state_t, Seq> p) {
   using acc_t = at::opmath_type<T>;
   constexpr int kGroup = 8;  // tokens per warp reduction of the feature sums
   // Tokens loaded ahead, three loads each: kBatch * VEC * SLOTS = 32 bytes of
@@ -106,8 +116,9 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
   rest /= shape.heads;
   const int64_t chunk = rest % shape.num_chunks;
   const int64_t b = rest / shape.num_chunks;
-  const int64_t n_begin = chunk * shape.chunk_len;
-  const int64_t n_end = shape.chunk_end(chunk);
+  const Span span = p.sequences.span(shape, b);
+  const int64_t n_begin = span.chunk_begin(chunk);
+  const int64_t n_end = span.chunk_end(chunk);
 
   int64_t d[SLOTS];
   bool active[SLOTS];
@@ -117,16 +128,16 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
     active[s] = d[s] < shape.dim;
   }
 
-  const double* lse_row = p.lse.row(b, h);
-  const T* grad_row = p.grad.data == nullptr ? nullptr : p.grad.row(b, h);
-  const O* out_row = p.out.row(b, h);
+  const double* lse_row = p.lse.row(span.key, h);
+  const T* grad_row = p.grad.data == nullptr ? nullptr : p.grad.row(span.key, h);
+  const O* out_row = p.out.row(span.key, h);
   const T* score_row = nullptr;
   const T* value_row = nullptr;
   const double* grad_lse_row = nullptr;
   if constexpr (kLevel0) {
-    score_row = p.scores.row(b, h);
-    value_row = p.values.row(b, h);
-    grad_lse_row = p.grad_lse.data == nullptr ? nullptr : p.grad_lse.row(b, h);
+    score_row = p.scores.row(span.key, h);
+    value_row = p.values.row(span.key, h);
+    grad_lse_row = p.grad_lse.data == nullptr ? nullptr : p.grad_lse.row(span.key, h);
   }
 
   // R and Q after the chunk's last token (Q is tracked by warp 0 only), and the out there,
@@ -144,7 +155,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
     }
   }
   if constexpr (!kSummarize) {
-    if (chunk + 1 < shape.num_chunks) {
+    if (n_end < span.length) {  // the next chunk holds tokens
       const int64_t index = shape.chunk_index(b, chunk + 1, h);
       q = p.carry_Q[index];
 #pragma unroll
@@ -194,7 +205,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
       // Differences of log-sums in float64 (combine.h); the gate's exponential in float64,
       // the weight's in acc_t.
       const double lse_n = lse_row[n * p.lse.stride_n];
-      gate_wide = n + 1 < shape.length
+      gate_wide = n + 1 < span.length
           ? exp_of_difference(lse_n, lse_row[(n + 1) * p.lse.stride_n])
           : 0.0;
       gate = static_cast<acc_t>(gate_wide);
@@ -206,7 +217,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
         }
         lse_term = grad_lse_row == nullptr ? 0.0 : grad_lse_row[n * p.grad_lse.stride_n];
       } else {
-        lse_term = p.q_in[shape.token_index(b, n, h)];
+        lse_term = p.q_in[(span.base + n) * shape.heads + h];
       }
     }
 
@@ -283,7 +294,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
               }
             }
             if constexpr (!kSummarize) {
-              T* dst = p.vec_out + shape.token_index(b, token, h) * shape.dim + d[s];
+              T* dst = p.vec_out + ((span.base + token) * shape.heads + h) * shape.dim + d[s];
               if constexpr (kLevel0) {
                 store_pack<VEC>(dst, dv);
               } else {
@@ -334,10 +345,10 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
       if constexpr (!kSummarize) {
         if (valid) {
           if constexpr (kLevel0) {
-            p.scalar_out[shape.token_index(b, n, h)] =
+            p.scalar_out[(span.base + n) * shape.heads + h] =
                 static_cast<T>(score_gradient(weight, static_cast<double>(vr), q_n));
           } else {
-            p.q_out[shape.token_index(b, n, h)] = q_n;
+            p.q_out[(span.base + n) * shape.heads + h] = q_n;
           }
         }
       }
@@ -356,6 +367,29 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
     if (warp == 0 && lane == 0) {
       p.summary_Q[index] = q;
     }
+    if (p.first_lse != nullptr) {  // packed sequences: the summary level's lse and out
+      const bool empty = n_begin == n_end;  // block-uniform
+      if (warp == 0 && lane == 0) {
+        p.first_lse[index] = !empty         ? lse_row[n_begin * p.lse.stride_n]
+                             : span.length > 0 ? lse_row[(span.length - 1) * p.lse.stride_n]
+                                               : 0.0;
+      }
+#pragma unroll
+      for (int s = 0; s < SLOTS; ++s) {
+        if (active[s]) {
+          O* first = p.first_out + index * shape.dim + d[s];
+          if (empty) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              first[k] = O(0);
+            }
+          } else {
+            const Pack<O, VEC> at_first = load_pack<VEC>(out_row + n_begin * p.out.stride_n + d[s]);
+            store_pack<VEC>(first, at_first.elem);
+          }
+        }
+      }
+    }
   } else if constexpr (kLevel0) {
     if (chunk != 0) {
       return;  // block-uniform
@@ -363,9 +397,10 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
     // The initial state as a token before the first: f = e^(L_0 - L_1) (0 for the empty
     // state), do_0 = f R_1 and dL_0 = f (Q_1 + (o_0 - o_1) . R_1), with R, Q and
     // out_next now at token 0.
-    const bool has_state = p.state_lse.data != nullptr;  // block-uniform
-    const acc_t f = exp_of_difference_wide<acc_t>(
-        has_state ? *p.state_lse.row(b, h) : negative_infinity<double>(), lse_row[0]);
+    // A sequence of no tokens (packed only): nothing depends on its state.
+    const bool has_state = p.state_lse.data != nullptr && span.length > 0;  // block-uniform
+    const acc_t f = has_state ? exp_of_difference_wide<acc_t>(*p.state_lse.row(b, h), lse_row[0])
+                              : acc_t(0);
 #pragma unroll
     for (int s = 0; s < SLOTS; ++s) {
       if (!active[s]) {
@@ -448,20 +483,20 @@ BackwardGeometry backward_geometry(int64_t dim, int vec) {
   return {vec, kMaxSlots, static_cast<int>(ceil_div(lanes, kWarpSize * kMaxSlots))};
 }
 
-template <bool kSummarize, typename T, typename O, typename state_t>
-KernelFn<BackwardParams<T, O, state_t>> backward_kernel(const BackwardGeometry& geometry,
-                                                        bool level0) {
+template <bool kSummarize, typename T, typename O, typename state_t, typename Seq>
+KernelFn<BackwardParams<T, O, state_t, Seq>> backward_kernel(const BackwardGeometry& geometry,
+                                                             bool level0) {
   using acc_t = at::opmath_type<T>;
-  KernelFn<BackwardParams<T, O, state_t>> kernel = nullptr;
+  KernelFn<BackwardParams<T, O, state_t, Seq>> kernel = nullptr;
   const auto select = [&](auto width, auto slots) {
     constexpr int VEC = decltype(width)::value;
     constexpr int SLOTS = decltype(slots)::value;
     if (level0) {
       if constexpr (std::is_same_v<T, O>) {  // level 0 reads its own dtype throughout
-        kernel = backward_chunk_kernel<T, O, state_t, VEC, SLOTS, true, kSummarize>;
+        kernel = backward_chunk_kernel<T, O, state_t, Seq, VEC, SLOTS, true, kSummarize>;
       }
-    } else if constexpr (std::is_same_v<T, acc_t>) {
-      kernel = backward_chunk_kernel<T, O, state_t, VEC, SLOTS, false, kSummarize>;
+    } else if constexpr (std::is_same_v<T, acc_t> && std::is_same_v<Seq, DenseSequences>) {
+      kernel = backward_chunk_kernel<T, O, state_t, Seq, VEC, SLOTS, false, kSummarize>;
     }
   };
   with_vec<T>(geometry.vec, [&](auto width) {
@@ -476,31 +511,34 @@ KernelFn<BackwardParams<T, O, state_t>> backward_kernel(const BackwardGeometry& 
   return kernel;
 }
 
-template <bool kSummarize, typename T, typename O, typename state_t>
-void launch_backward(const BackwardParams<T, O, state_t>& p, bool level0,
+template <bool kSummarize, typename T, typename O, typename state_t, typename Seq>
+void launch_backward(const BackwardParams<T, O, state_t, Seq>& p, bool level0,
                      const BackwardGeometry& geometry) {
   using acc_t = at::opmath_type<T>;
-  launch(backward_kernel<kSummarize, T, O, state_t>(geometry, level0),
+  launch(backward_kernel<kSummarize, T, O, state_t, Seq>(geometry, level0),
          p.shape.batch * p.shape.num_chunks * p.shape.heads, geometry.threads(),
          geometry.shared_bytes<acc_t>(), p);
 }
 
-// Runs the backward of one level: p has its shape (less the chunking), inputs and
-// outputs filled.
-template <typename T, typename O, typename state_t>
-void backward_level(BackwardParams<T, O, state_t> p, bool level0, int vec, const at::Tensor& like) {
+// Runs the backward of one level: p has its shape (less the chunking; length: the longest
+// sequence), inputs and outputs filled. The chunk summaries of either layout are a dense
+// [B, C, H(, D)] problem.
+template <typename T, typename O, typename state_t, typename Seq>
+void backward_level(BackwardParams<T, O, state_t, Seq> p, bool level0, int vec,
+                    const at::Tensor& like) {
   using acc_t = at::opmath_type<T>;
   Shape& shape = p.shape;
   const BackwardGeometry geometry = backward_geometry(shape.dim, vec);
   const ChunkPlan plan =
       plan_chunks(shape.length, shape.batch * shape.heads * geometry.warps, [&] {
-        return resident_warps(backward_kernel<false, T, O, state_t>(geometry, level0),
+        return resident_warps(backward_kernel<false, T, O, state_t, Seq>(geometry, level0),
                               geometry.threads(), geometry.shared_bytes<acc_t>());
       });
-  shape.chunk_len = plan.chunk_len;
+  shape.chunk_len = std::max<int64_t>(plan.chunk_len, 1);
   shape.num_chunks = plan.num_chunks;
 
-  at::Tensor summary_R, summary_Q, carry_R, carry_Q;  // alive until all launches
+  at::Tensor summary_R, summary_Q, carry_R, carry_Q, first_lse, first_out;  // alive until
+                                                                            // all launches
   if (plan.num_chunks > 1) {
     const int64_t B = shape.batch, C = plan.num_chunks, H = shape.heads, D = shape.dim;
     const at::TensorOptions options = acc_options<acc_t>(like);
@@ -509,6 +547,13 @@ void backward_level(BackwardParams<T, O, state_t> p, bool level0, int vec, const
     summary_Q = at::empty({B, C, H}, q_options);
     p.summary_R = summary_R.mutable_data_ptr<acc_t>();
     p.summary_Q = summary_Q.mutable_data_ptr<double>();
+    constexpr bool kPacked = !std::is_same_v<Seq, DenseSequences>;
+    if constexpr (kPacked) {
+      first_lse = at::empty({B, C, H}, q_options);
+      first_out = at::empty({B, C, H, D}, acc_options<O>(like));
+      p.first_lse = first_lse.mutable_data_ptr<double>();
+      p.first_out = first_out.mutable_data_ptr<O>();
+    }
     launch_backward<true>(p, level0, geometry);
 
     // The chunks as tokens (the top of this file): g = chunk R, G = chunk Q, out = the out
@@ -519,8 +564,13 @@ void backward_level(BackwardParams<T, O, state_t> p, bool level0, int vec, const
     carry_Q = at::empty({B, C, H}, q_options);
     BackwardParams<acc_t, O, state_t> chunks{};
     chunks.shape = {B, C, H, D, C, 1};
-    chunks.lse = {p.lse.data, p.lse.stride_b, p.lse.stride_n * plan.chunk_len, p.lse.stride_h};
-    chunks.out = {p.out.data, p.out.stride_b, p.out.stride_n * plan.chunk_len, p.out.stride_h};
+    if constexpr (kPacked) {
+      chunks.lse = contiguous<const double>(p.first_lse, C, H, 1);
+      chunks.out = contiguous<const O>(p.first_out, C, H, D);
+    } else {
+      chunks.lse = {p.lse.data, p.lse.stride_b, p.lse.stride_n * plan.chunk_len, p.lse.stride_h};
+      chunks.out = {p.out.data, p.out.stride_b, p.out.stride_n * plan.chunk_len, p.out.stride_h};
+    }
     chunks.grad = contiguous<const acc_t>(p.summary_R, C, H, D);
     chunks.q_in = p.summary_Q;
     chunks.vec_out = carry_R.mutable_data_ptr<acc_t>();
@@ -578,11 +628,55 @@ void backward_typed(const BackwardArgs& args) {
   backward_level(p, /*level0=*/true, vec, values);
 }
 
+// aaren.scan_varlen's backward: the same kernels over the packed tokens, each sequence located
+// by cu_seqlens on the device (PackedSequences), the chunks planned for `longest`.
+template <typename scalar_t>
+void varlen_backward_typed(const VarlenBackwardArgs& args, int64_t longest) {
+  const at::Tensor& values = args.values;
+  const int64_t N = args.cu_seqlens.size(0) - 1;
+  const int64_t T = values.size(0), H = values.size(1), D = values.size(2);
+  using state_t = double;  // the state's out (ops/scan_varlen.h)
+  BackwardParams<scalar_t, scalar_t, state_t, PackedSequences> p{};
+  p.shape = {N, longest, H, D, longest, 1};
+  p.sequences = {args.cu_seqlens.const_data_ptr(), args.cu_seqlens.scalar_type() == at::kLong, T};
+  p.lse = packed_view(args.lse.const_data_ptr<double>(), args.lse);
+  if (args.grad_out.has_value()) {
+    p.grad = packed_view(args.grad_out->const_data_ptr<scalar_t>(), *args.grad_out);
+  }
+  if (args.grad_lse.has_value()) {
+    p.grad_lse = packed_view(args.grad_lse->const_data_ptr<double>(), *args.grad_lse);
+  }
+  p.scores = packed_view(args.scores.const_data_ptr<scalar_t>(), args.scores);
+  p.values = packed_view(values.const_data_ptr<scalar_t>(), values);
+  p.out = packed_view(args.out.const_data_ptr<scalar_t>(), args.out);
+  if (args.state_lse.has_value()) {
+    p.state_lse = state_view(args.state_lse->const_data_ptr<double>(), *args.state_lse);
+    p.state_out = state_view(args.state_out->const_data_ptr<state_t>(), *args.state_out);
+  }
+  p.grad_state_lse = args.grad_state_lse.mutable_data_ptr<double>();
+  p.grad_state_out = args.grad_state_out.mutable_data_ptr<state_t>();
+  p.vec_out = args.grad_values.mutable_data_ptr<scalar_t>();
+  p.scalar_out = args.grad_scores.mutable_data_ptr<scalar_t>();
+  const std::array<int64_t, 3> contiguous_strides = {H * D, H * D, D};
+  const int vec = pick_vec<scalar_t>(
+      D, {{p.values.data, sizeof(scalar_t), {p.values.stride_b, p.values.stride_n, p.values.stride_h}},
+          {p.grad.data, sizeof(scalar_t), {p.grad.stride_b, p.grad.stride_n, p.grad.stride_h}},
+          {p.out.data, sizeof(scalar_t), {p.out.stride_b, p.out.stride_n, p.out.stride_h}},
+          {p.vec_out, sizeof(scalar_t), contiguous_strides}});
+  backward_level(p, /*level0=*/true, vec, values);
+}
+
 }  // namespace
 
 void dispatch_backward(const BackwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.values.scalar_type(),
                                   "aaren_scan_backward_cuda", [&] { backward_typed<scalar_t>(args); });
+}
+
+void varlen_backward(const VarlenBackwardArgs& args, int64_t longest) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.values.scalar_type(),
+                                  "aaren_scan_varlen_backward_cuda",
+                                  [&] { varlen_backward_typed<scalar_t>(args, longest); });
 }
 
 }  // namespace aaren::ops::cuda

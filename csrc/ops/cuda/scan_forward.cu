@@ -7,7 +7,9 @@
 // types), and so are the chunk summaries of float32 values. (The normalized form
 // o_k = a_k o_{k-1} + b_k v_k with a_k = e^(L_{k-1} - L_k) would round L at every token, and
 // those roundings accumulate in o.) Between tiles a warp carries (m, u) and w, so nothing
-// is renormalized within a chunk. Work layout and chunks: scan_common.cuh.
+// is renormalized within a chunk. Work layout and chunks: scan_common.cuh. The same kernels
+// run aaren.scan's dense sequences and aaren.scan_varlen's packed ones (the sequence locators
+// of scan_common.cuh); scan_varlen.cu is the latter's entry point.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
@@ -24,11 +26,14 @@ namespace {
 // score_t is the type of the scores: T on level 0, float64 on the levels of chunk
 // summaries (whose "scores" are the chunks' log-sums, float64 as every stored lse).
 // state_t is the type of the state's out (float64, ops/scan.h).
-template <typename T, typename score_t, typename state_t>
+// Seq locates each sequence's tokens (scan_common.cuh): DenseSequences for aaren.scan and
+// every level of chunk summaries, PackedSequences for aaren.scan_varlen's tokens.
+template <typename T, typename score_t, typename state_t, typename Seq = DenseSequences>
 struct ForwardParams {
   using acc_t = at::opmath_type<T>;
   using sum_t = numerator_type<T, acc_t>;  // the numerators' (combine.h): float64 for float32
   Shape shape;
+  Seq sequences;
   int64_t dtiles;  // warps per (sequence, chunk), each over 32 * VEC features
   Strided<const score_t> scores;  // [B, N, H]
   Strided<const T> values;        // [B, N, H, D]
@@ -38,11 +43,13 @@ struct ForwardParams {
   // Scan, chunk c > 0: the state after chunk c - 1, [B, C, H(, D)] contiguous.
   const double* carry_lse;
   const sum_t* carry_out;
-  // Scan: out [B, N, H, D] and lse [B, N, H], contiguous; final_out [B, H, D] (level 0
-  // only, else nullptr): the unrounded out after the last token.
+  // Scan: out [B, N, H, D] and lse [B, N, H], contiguous (packed: [T, H(, D)]); final_out
+  // [B, H, D] (level 0 only, else nullptr): the unrounded out after the last token, and
+  // final_lse [B, H] its lse (packed only: the dense lse's last token is it).
   T* out;
   double* lse;
   state_t* final_out;
+  double* final_lse;
   // Summarize: (lse, out) of each chunk's tokens alone, [B, C, H(, D)] contiguous.
   double* summary_lse;
   sum_t* summary_out;
@@ -60,9 +67,9 @@ constexpr int kForwardThreads = kForwardWarps * kWarpSize;
 // computes the same scalars), w per feature. kSummarize: phase 1, the chunk from the
 // empty state, writing only its final (lse, out); otherwise the chunk from its carried-in
 // state, writing out = w / u and lse = m + log u for every token.
-template <typename T, typename score_t, typename state_t, int VEC, bool kSummarize>
+template <typename T, typename score_t, typename state_t, typename Seq, int VEC, bool kSummarize>
 __global__ void __launch_bounds__(kForwardThreads, 4)
-    forward_chunk_kernel(const ForwardParams<T, score_t, state_t> p) {
+    forward_chunk_kernel(const ForwardParams<T, score_t, state_t, Seq> p) {
   using acc_t = at::opmath_type<T>;
   using sum_t = numerator_type<T, acc_t>;
   // Tokens whose values are loaded ahead of use: 32 to 128 bytes in flight per lane
@@ -83,10 +90,31 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
   rest /= shape.heads;
   const int64_t chunk = rest % shape.num_chunks;
   const int64_t b = rest / shape.num_chunks;
-  const int64_t n_begin = chunk * shape.chunk_len;
-  const int64_t n_end = shape.chunk_end(chunk);
+  const Span span = p.sequences.span(shape, b);
+  const int64_t n_begin = span.chunk_begin(chunk);
+  const int64_t n_end = span.chunk_end(chunk);
   const int64_t d = (dtile * kWarpSize + lane) * VEC;
   const bool active = d < shape.dim;  // VEC divides dim: a lane's features are all in
+
+  if (span.length == 0) {  // a sequence of no tokens (packed only): its state stays as it was
+    if (!kSummarize && chunk == 0 && (p.final_out != nullptr || p.final_lse != nullptr)) {
+      const bool has_state = p.state_lse.data != nullptr;
+      if (p.final_lse != nullptr && dtile == 0 && lane == 0) {
+        p.final_lse[b * shape.heads + h] =
+            has_state ? *p.state_lse.row(b, h) : negative_infinity<double>();
+      }
+      if (active) {  // (D = 0: final_out may be nullptr, and no lane is active)
+        state_t* row = p.final_out + (b * shape.heads + h) * shape.dim + d;  // per element
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          row[k] = has_state ? p.state_out.row(b, h)[d + k] : state_t(0);
+        }
+      }
+    }
+    if (!kSummarize) {
+      return;  // (a summary of no tokens is written below: (-inf, 0), which combines as none)
+    }
+  }
 
   // The online softmax before the chunk's first token: (m, u) and this lane's numerators
   // w. The state (L0, o0) (chunk 0) or the carry from the previous chunks enters as
@@ -122,8 +150,8 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
     }
   }
 
-  const score_t* score_row = p.scores.row(b, h);
-  const T* value_row = p.values.row(b, h) + d;
+  const score_t* score_row = p.scores.row(span.key, h);
+  const T* value_row = p.values.row(span.key, h) + d;
   for (int64_t tile = n_begin; tile < n_end; tile += kWarpSize) {
     const int count = static_cast<int>(std::min<int64_t>(kWarpSize, n_end - tile));
     const int64_t n = tile + lane;
@@ -142,7 +170,7 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
     sum_t inverse = 0;  // 1 / u after token `lane`
     if constexpr (!kSummarize) {
       if (dtile == 0 && lane < count) {
-        p.lse[shape.token_index(b, n, h)] = lse_of_wide(t.state.max, t.state.sum);
+        p.lse[(span.base + n) * shape.heads + h] = lse_of_wide(t.state.max, t.state.sum);
       }
       inverse = inverse_of_sum<sum_t>(t.state.sum);
     }
@@ -174,7 +202,8 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
             o[k] = w[k] * scale;
           }
           if constexpr (!kSummarize) {
-            store_pack<VEC>(p.out + shape.token_index(b, tile + first + u, h) * shape.dim + d, o);
+            store_pack<VEC>(p.out + ((span.base + tile + first + u) * shape.heads + h) * shape.dim + d,
+                            o);
           }
         }
       }
@@ -196,9 +225,14 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
       }
       store_pack<VEC>(p.summary_out + index * shape.dim + d, o);
     }
-  } else {
-    // The state's out after the last token, unrounded: w / u of the last chunk.
-    if (p.final_out != nullptr && chunk + 1 == shape.num_chunks && active) {
+  } else if ((p.final_out != nullptr || p.final_lse != nullptr) && n_begin < n_end &&
+             n_end == span.length) {
+    // The state after the last token, from the chunk holding it: its lse, and its out
+    // unrounded, w / u.
+    if (p.final_lse != nullptr && dtile == 0 && lane == 0) {
+      p.final_lse[b * shape.heads + h] = lse_of_wide(carry.max, carry.sum);
+    }
+    if (active) {
       const state_t inverse = reciprocal_or_zero(static_cast<state_t>(carry.sum));
       state_t* row = p.final_out + (b * shape.heads + h) * shape.dim + d;  // per element
 #pragma unroll
@@ -211,34 +245,36 @@ __global__ void __launch_bounds__(kForwardThreads, 4)
 
 // ---- Host side ----
 
-template <bool kSummarize, typename T, typename score_t, typename state_t>
-KernelFn<ForwardParams<T, score_t, state_t>> forward_kernel(int vec) {
-  KernelFn<ForwardParams<T, score_t, state_t>> kernel = nullptr;
+template <bool kSummarize, typename T, typename score_t, typename state_t, typename Seq>
+KernelFn<ForwardParams<T, score_t, state_t, Seq>> forward_kernel(int vec) {
+  KernelFn<ForwardParams<T, score_t, state_t, Seq>> kernel = nullptr;
   with_vec<T>(vec, [&](auto width) {
-    kernel = forward_chunk_kernel<T, score_t, state_t, decltype(width)::value, kSummarize>;
+    kernel = forward_chunk_kernel<T, score_t, state_t, Seq, decltype(width)::value, kSummarize>;
   });
   return kernel;
 }
 
-template <bool kSummarize, typename T, typename score_t, typename state_t>
-void launch_forward(const ForwardParams<T, score_t, state_t>& p, int vec) {
-  launch(forward_kernel<kSummarize, T, score_t, state_t>(vec),
+template <bool kSummarize, typename T, typename score_t, typename state_t, typename Seq>
+void launch_forward(const ForwardParams<T, score_t, state_t, Seq>& p, int vec) {
+  launch(forward_kernel<kSummarize, T, score_t, state_t, Seq>(vec),
          ceil_div(p.num_items(), kForwardWarps), kForwardThreads, 0, p);
 }
 
-// Runs the forward of one level: p has its shape (less the chunking), inputs, state and
-// outputs filled. `like` gives the device for workspace.
-template <typename T, typename score_t, typename state_t>
-void forward_level(ForwardParams<T, score_t, state_t> p, int vec, const at::Tensor& like) {
+// Runs the forward of one level: p has its shape (less the chunking; length: the longest
+// sequence), inputs, state and outputs filled. `like` gives the device for workspace. The
+// chunk summaries of either layout are a dense [B, C, H(, D)] problem.
+template <typename T, typename score_t, typename state_t, typename Seq>
+void forward_level(ForwardParams<T, score_t, state_t, Seq> p, int vec, const at::Tensor& like) {
   using acc_t = at::opmath_type<T>;
   using sum_t = numerator_type<T, acc_t>;
   Shape& shape = p.shape;
   p.dtiles = std::max<int64_t>(1, ceil_div(shape.dim, kWarpSize * vec));
   const ChunkPlan plan =
       plan_chunks(shape.length, shape.batch * shape.heads * p.dtiles, [&] {
-        return resident_warps(forward_kernel<false, T, score_t, state_t>(vec), kForwardThreads, 0);
+        return resident_warps(forward_kernel<false, T, score_t, state_t, Seq>(vec),
+                              kForwardThreads, 0);
       });
-  shape.chunk_len = plan.chunk_len;
+  shape.chunk_len = std::max<int64_t>(plan.chunk_len, 1);
   shape.num_chunks = plan.num_chunks;
 
   at::Tensor summary_lse, summary_out, carry_lse, carry_out;  // alive until all launches
@@ -300,11 +336,44 @@ void forward_typed(const ForwardArgs& args) {
   forward_level(p, vec, values);
 }
 
+// aaren.scan_varlen's forward: the same kernels over the packed tokens, each sequence located
+// by cu_seqlens on the device (PackedSequences), the chunks planned for `longest`.
+template <typename scalar_t>
+void varlen_forward_typed(const VarlenForwardArgs& args, int64_t longest) {
+  const at::Tensor& values = args.values;
+  const int64_t N = args.cu_seqlens.size(0) - 1;
+  const int64_t T = values.size(0), H = values.size(1), D = values.size(2);
+  using state_t = double;  // the state's out (ops/scan_varlen.h)
+  ForwardParams<scalar_t, scalar_t, state_t, PackedSequences> p{};
+  p.shape = {N, longest, H, D, longest, 1};
+  p.sequences = {args.cu_seqlens.const_data_ptr(), args.cu_seqlens.scalar_type() == at::kLong, T};
+  p.scores = packed_view(args.scores.const_data_ptr<scalar_t>(), args.scores);
+  p.values = packed_view(values.const_data_ptr<scalar_t>(), values);
+  if (args.state_lse.has_value()) {
+    p.state_lse = state_view(args.state_lse->const_data_ptr<double>(), *args.state_lse);
+    p.state_out = state_view(args.state_out->const_data_ptr<state_t>(), *args.state_out);
+  }
+  p.out = args.out.mutable_data_ptr<scalar_t>();
+  p.lse = args.lse.mutable_data_ptr<double>();
+  p.final_out = args.final_out.mutable_data_ptr<state_t>();
+  p.final_lse = args.final_lse.mutable_data_ptr<double>();
+  const int vec = pick_vec<scalar_t>(
+      D, {{p.values.data, sizeof(scalar_t), {p.values.stride_b, p.values.stride_n, p.values.stride_h}},
+          {p.out, sizeof(scalar_t), {H * D, H * D, D}}});
+  forward_level(p, vec, values);
+}
+
 }  // namespace
 
 void dispatch_forward(const ForwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.values.scalar_type(),
                                   "aaren_scan_forward_cuda", [&] { forward_typed<scalar_t>(args); });
+}
+
+void varlen_forward(const VarlenForwardArgs& args, int64_t longest) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.values.scalar_type(),
+                                  "aaren_scan_varlen_forward_cuda",
+                                  [&] { varlen_forward_typed<scalar_t>(args, longest); });
 }
 
 }  // namespace aaren::ops::cuda
