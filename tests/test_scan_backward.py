@@ -64,9 +64,11 @@ def test_score_gradients_where_one_token_dominates(device, dtype, with_state):
     out_j ~ v_i) and widely spread ones (a few tokens dominate in turn). There
     d/d s_i = sum_j e^(s_i - L_j) (g_j . (v_i - out_j) + G_j) is a sum of small terms; formed as
     v_i . S - P from two running sums that grow as sqrt(N), it had 4.6-5x plain PyTorch's error
-    in float32 (csrc/ops/cpu/scan_kernel.cpp, "Backward"). Four seeds. Judged: d/d scores and
-    d/d values (the state's gradients are the other tests'; here the state's lse gradient is
-    held to the forward's float32 sums in L, docs/design.md, "Backward")."""
+    in float32 (csrc/ops/cpu/scan_kernel.cpp, "Backward"). Four seeds. Judged: every gradient
+    in float32 (the state's lse gradient broke the rule here, seed 3, while the forward's
+    running sums were float32: docs/design.md, "Backward"); in the half types all but the
+    state's lse gradient, which takes the outputs as rounded to 11 or 8 bits: float16's
+    breaks the rule by 1.17x at seed 0 even from the exact outputs rounded once."""
     B, N, H, D = 2, 300, 4, 32
     t = torch.linspace(0, 1, N, dtype=torch.float64)[None, :, None]
     for seed in range(4):
@@ -85,8 +87,24 @@ def test_score_gradients_where_one_token_dominates(device, dtype, with_state):
         ours = gradients(op_outputs, inputs, grad_out, grad_lse)
         exact = gradients(naive_outputs(torch.float64), inputs, grad_out, grad_lse, lambda t: t.double())
         plain = gradients(naive_outputs(dtype), inputs, grad_out, grad_lse, lambda t: t.to(dtype))
-        for name, got, want, baseline in list(zip(NAMES, ours, exact, plain))[:2]:
+        for name, got, want, baseline in zip(NAMES, ours, exact, plain):
+            if name == "state lse" and dtype != torch.float32:
+                continue
             assert_close_to_reference(got, want, baseline, what=f"d/d {name}, seed {seed}")
+
+
+def test_state_gradients_on_random_problems(device):
+    """The state's lse gradient, sum_j e^(L_0 - L_j) (g_j . (out_0 - out_j) + G_j), takes the
+    forward's outputs as they are. With the forward's running sums in float32, the outputs'
+    error put it past the rule on 20 of 300 random mixed problems in float32 (up to 3.4x;
+    here seeds 42, 43, 47, 48, 49 and 55, and d/d scores at seed 43), where the suite's one
+    seed passed. Every gradient judged, float32, 20 seeds in two gradient modes
+    (docs/design.md, "Backward")."""
+    for seed in range(40, 60):
+        for mode in ("out only", "out and lse"):
+            torch.manual_seed(seed)
+            scores, values, state = mixed_problem(2, 48, 16, torch.float32, device, True)
+            check_gradients(scores, values, state, *seeds(values, mode, torch.float32))
 
 
 @pytest.mark.parametrize("with_state", [False, True])

@@ -1,6 +1,6 @@
 """CPU-only checks of the scan kernels: with enough work to run on two threads, forward and
 backward give the one-thread results bit for bit and stay within tolerance.py's rule against
-the float64 reference; and each bfloat16 output is the float32 kernel's, rounded as PyTorch
+the float64 reference; and each bfloat16 output is the float32 walk's, rounded as PyTorch
 rounds, bit for bit (subnormals, overflow to infinity, infinities and NaN included).
 """
 import pytest
@@ -68,27 +68,39 @@ def test_forward_and_backward_on_two_threads(dtype, shape):
 
 
 @pytest.mark.parametrize("shape", [(2, 40, 3, 70), (1, 600, 1, 32)])
-def test_bfloat16_outputs_are_the_float32_kernels_rounded(shape):
-    """The CPU kernels accumulate bfloat16 in float32 exactly as they run float32 itself, so
-    each bfloat16 output is the float32 kernel's on the same (widened) inputs, rounded to
+def test_bfloat16_outputs_are_the_float32_walk_rounded(shape):
+    """bfloat16 runs the walk in float32 (its numerator w a float32 row: float32 values sum
+    theirs in float64, combine.h, "The forward's running sums") and rounds each output to
     nearest even as PyTorch rounds: bit for bit, whichever conversion the selected
     instruction set stores with (AVX512_BF16 has its own instruction, which flushes
-    subnormals; values in that range are here, as are values that round up to infinity,
-    infinities and NaN)."""
+    subnormals; values in that range are here, as are sums that overflow to infinity,
+    infinities and NaN). With every score equal every weight is exactly 1, so the walk is a
+    float32 running sum times 1/u (u = k in float64, its reciprocal rounded to float32), which
+    the test redoes in PyTorch; the state's out is that sum times 1/N in float64. With random
+    scores, lse is the float32 kernel's, bit for bit (u is float64 in both)."""
     B, N, H, D = shape
     generator = torch.Generator().manual_seed(7)
-    scores = torch.randn(B, N, H, generator=generator).bfloat16()
     values = torch.randn(B, N, H, D, generator=generator)
     values[..., 0] = 3e-39       # a bfloat16 subnormal
     values[..., 1] = -1.5e-38    # near the smallest normal
-    values[..., 2] = 3.39e38     # near the largest: a mean of them may round to inf
+    values[..., 2] = 3.39e38     # near the largest: a sum of two overflows to infinity
     values[0, 1, 0, 3] = float("inf")
     values[0, 2, 0, 4] = float("nan")
     values = values.bfloat16()
-    out, lse, final_out = torch.ops.aaren.scan_forward(scores, values, None, None)
-    wide = torch.ops.aaren.scan_forward(scores.float(), values.float(), None, None)
-    torch.testing.assert_close(out, wide[0].bfloat16(), rtol=0, atol=0, equal_nan=True)
-    for got, want in zip((lse, final_out), wide[1:]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    out, _, final_out = torch.ops.aaren.scan_forward(torch.zeros(B, N, H).bfloat16(), values,
+                                                     None, None)
+    running = torch.zeros(B, H, D)
+    want = []
+    for k in range(N):
+        running = running + values[:, k].float()
+        inverse = torch.tensor(1.0 / (k + 1), dtype=torch.float64).float()
+        want.append((running * inverse).bfloat16())
+    torch.testing.assert_close(out, torch.stack(want, 1), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(final_out, running.double() * (1.0 / N), rtol=0, atol=0,
+                               equal_nan=True)
     assert (out[..., 0] != 0).all()  # subnormals kept, not flushed
     assert out[..., 2].isinf().any() and out.isnan().any()
+
+    scores = torch.randn(B, N, H, generator=generator).bfloat16()
+    lse = torch.ops.aaren.scan_forward(scores, values, None, None)[1]
+    assert torch.equal(lse, torch.ops.aaren.scan_forward(scores.float(), values.float(), None, None)[1])

@@ -148,9 +148,11 @@ void run(const ScanCall& call) {
   const double* state_lse = has_state ? call.state_lse->const_data_ptr<double>() : nullptr;
   const double* state_out = has_state ? call.state_out->const_data_ptr<double>() : nullptr;
   const bool in_float64_step = call.length == 1 && has_state && !std::is_same_v<scalar_t, double>;
-  // The walk's running numerator; a one-token step after a state needs none (no allocation
-  // on the step's path).
-  std::vector<scalar_t> numerator(in_float64_step ? 0 : static_cast<size_t>(head_dim));
+  // The walk's running numerator, float64 as the LibTorch CPU kernel's for these dtypes
+  // (aaren/walk.h); a one-token step after a state needs none (no allocation on the step's
+  // path).
+  std::vector<aaren::numerator_type<scalar_t, scalar_t>> numerator(
+      in_float64_step ? 0 : static_cast<size_t>(head_dim));
   for (int64_t b = 0; b < call.batch; ++b) {
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t lane = b * heads + h;
@@ -164,7 +166,8 @@ void run(const ScanCall& call) {
                                        out + first * head_dim, lane_final);
         continue;
       }
-      scalar_t running_max, denominator;
+      scalar_t running_max;
+      double denominator;  // float64 whatever the values' dtype (aaren/walk.h)
       aaren::enter_state(lane_lse, lane_out, head_dim, running_max, denominator,
                          numerator.data());
       for (int64_t n = 0; n < call.length; ++n) {

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define AAREN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -36,8 +37,9 @@ AAREN_HOST_DEVICE T exp_of_difference(T x, T y) {
 // enough: a key bias folds into one) loses log u when held in float32: at |m| ~ 1e4 its ulp
 // is ~1e-3, a relative error of 1e-3 in every weight e^(s - L). So every L the kernels
 // store or read (the state's, the per-token lse saved for the backward, chunk summaries)
-// is float64, while the running maximum m and the sums stay in the accumulation type T:
-// differences are taken in float64, exponentials in T (they are of moderate arguments).
+// is float64, while the running maximum m stays in the accumulation type T: differences are
+// taken in float64, exponentials in T (they are of moderate arguments). The forward's
+// running sums are float64 too (below, "The forward's running sums").
 
 // e^(x - y) in T for float64 x <= y (up to rounding), 0 when x = -inf ("nothing there").
 // The difference, exact in float64, is split into hi (rounded to T) and lo (the rest, below
@@ -70,51 +72,102 @@ AAREN_HOST_DEVICE T exp_of_difference_wide(double x, double y) {
 
 // L = m + log u in float64, -inf when u = 0 (nothing seen).
 template <typename T>
-AAREN_HOST_DEVICE double lse_of_wide(T running_max, T denominator) {
-  return denominator == T(0)
-      ? negative_infinity<double>()
-      : static_cast<double>(running_max) + std::log(static_cast<double>(denominator));
+AAREN_HOST_DEVICE double lse_of_wide(T running_max, double denominator) {
+  return denominator == 0.0 ? negative_infinity<double>()
+                            : static_cast<double>(running_max) + std::log(denominator);
 }
 
-// The online-softmax scalars (m, u) that represent a float64 log-sum L exactly enough:
-// m = L rounded to T, u = e^(L - m) (within an ulp of 1); (-inf, 0) for L = -inf. A state
-// (L, o) enters a scan as (m, u, w = u o).
+// The online-softmax scalars (m, u): the running maximum in T, the denominator in float64.
+// For a float64 log-sum L (a state, a chunk summary): m = L rounded to T, u = e^(L - m) in
+// float64; (-inf, 0) for L = -inf. A state (L, o) enters a scan as (m, u, w = u o).
 template <typename T>
 struct MaxSum {
   T max;
-  T sum;
+  double sum;
 };
 
 template <typename T>
 AAREN_HOST_DEVICE MaxSum<T> max_sum_of(double lse) {
   if (lse == negative_infinity<double>()) {
-    return {negative_infinity<T>(), T(0)};
+    return {negative_infinity<T>(), 0.0};
   }
   const T max = static_cast<T>(lse);
-  return {max, std::exp(static_cast<T>(lse - static_cast<double>(max)))};
+  return {max, std::exp(lse - static_cast<double>(max))};
 }
 
-// With a state (L_0, o_0), the initial state's gradient dL_0 = f (o_0 . R_1 - rho_1) is
-// formed as -f rho'_1, rho' being rho with the outputs shifted by o_0 (g_j . (o_j - o_0)):
-// a sum of per-token terms that are small where the state dominates, instead of the
-// difference of two large sums (which lost ~sqrt(N) more than plain PyTorch). The CUDA
-// backward shifts values and outputs alike (an average of values shifted by o_0 is the
-// average shifted by o_0, so R is unchanged and ds_i = e^(s_i - L_i) ((v_i - o_0) . R_i -
-// rho'_i)), so that one rho serves both. (The CPU backward shifts by each token's own out
-// instead, which also keeps ds from cancelling: scan_kernel.cpp, "Backward".) o_0 is
-// rounded to the values' dtype T as the outputs o_j are, so o_j - o_0 is exactly 0 where
-// every token is masked.
+// ---- The backward's Q ---------------------------------------------------------------
+// The backward's reverse recurrences (docs/design.md, "Backward"), with g_i = dLoss/do_i,
+// G_i = dLoss/dL_i and the gates a_i = e^(L_i - L_{i+1}) (a_N = 0):
+//   R_i = g_i + a_i R_{i+1},   rho_i = (g_i . o_i - G_i) + a_i rho_{i+1},
+//   ds_i = e^(s_i - L_i) (v_i . R_i - rho_i),   dL_0 = f (o_0 . R_1 - rho_1), f = e^(L_0 - L_1).
+// v_i . R_i - rho_i = sum_j e^(L_i - L_j) (g_j . (v_i - o_j) + G_j) cancels two sums that
+// grow as sqrt(N) where a token dominates the outputs after it (o_j ~ v_i). Both backwards
+// keep instead Q_i = o_i . R_i - rho_i, whose steps are small where the outputs move little:
+//   Q_i = a_i Q_{i+1} + q_term,  q_term = a_i (o_i - o_{i+1}) . R_{i+1} + G_i,
+//   ds_i = e^(s_i - L_i) ((v_i - o_i) . R_i + Q_i),   dL_0 = f (Q_1 + (o_0 - o_1) . R_1).
+// The CUDA backward runs these with its gates, taken in float64 (scan_backward.cu); the CPU
+// backward holds R and Q against a reference r instead (S = e^(r - L_i) R_i, Q against it
+// alike: the gate is 1 and G_i is weighted by e^(r - L_i); scan_kernel.cpp, "Backward"). Q is
+// float64 in both (a scalar per sequence costs little, and it sums every G_i, which are
+// float64).
+
+// The constant of Q's affine step Q_i = gate Q_{i+1} + q_term: out_step_dot is
+// (o_i - o_{i+1}) . R_{i+1} in the accumulation type, lse_term G_i (times e^(r - L_i)
+// against a reference).
+AAREN_HOST_DEVICE double q_term(double gate, double out_step_dot, double lse_term) {
+  return gate * out_step_dot + lse_term;
+}
+
+// ds_i = e (dot + Q_i), e = e^(s_i - L_i) (or e^(s_i - r) against a reference) and
+// dot = (v_i - o_i) . R_i; the sum in float64, rounded once.
+template <typename acc_t>
+AAREN_HOST_DEVICE acc_t score_gradient(acc_t e, double value_dot, double q) {
+  return e * static_cast<acc_t>(value_dot + q);
+}
+
+// The state as a token before the first: dL_0 = f (Q_1 + (o_0 - o_1) . R_1), shift_dot the
+// last product, summed over the features of shift_product's terms.
+template <typename acc_t>
+AAREN_HOST_DEVICE double state_lse_gradient(acc_t f, double q, double shift_dot) {
+  return static_cast<double>(f) * (q + shift_dot);
+}
+
+// The state's out o_0 rounded to the values' dtype T as the outputs o_j are, so that
+// o_0 - o_1 is exactly 0 where every token so far is masked (the outputs are then the
+// state's out, rounded).
 template <typename T, typename acc_t>
 AAREN_HOST_DEVICE acc_t rounded_state_out(double out) {
   return static_cast<acc_t>(static_cast<T>(out));
 }
 
+// One feature's term of (o_0 - o_1) . R_1, in float64, o_1 and R_1 as the walk holds them.
+template <typename T, typename acc_t>
+AAREN_HOST_DEVICE double shift_product(double state_out, acc_t out, acc_t r) {
+  return static_cast<double>(rounded_state_out<T, acc_t>(state_out) - out) *
+         static_cast<double>(r);
+}
+
+// ---- The forward's running sums ---------------------------------------------------
+// The denominator u = sum e^(s_i - m) is float64, and so is the numerator
+// w = sum e^(s_i - m) v_i for float32 (and float64) values: their terms are the exps in the
+// accumulation type, summed in float64, and out = w (1/u) is rounded once. Summed in float32,
+// the sums' rounding, carried along the sequence, put several ulps of error into every out,
+// and the backward, which takes the outs as they are, passed it on: the state's lse gradient
+// sum_j e^(L_0 - L_j) (g_j . (o_0 - o_j) + G_j) broke the tests' rule on 20 of 300 random
+// mixed problems (tests/scan_problems.py), by up to 3.4x; none now (docs/design.md,
+// "Backward"). u alone in float64 made it worse where one token dominates (modelled: up to
+// 9x, w / u no longer dividing sums rounded alike). The half types keep w in float32: their
+// outputs round to 8 or 11 bits.
+template <typename T, typename acc_t>
+using numerator_type =
+    std::conditional_t<std::is_same_v<T, float> || std::is_same_v<T, double>, double, acc_t>;
+
 // ---- Streaming forms, for the sequential pass over tokens ---------------------
 // The (lse, out) recurrence rounds lse at every token, and since out is renormalized
 // with exp(L_{k-1} - L_k) the rounding drifts over long sequences. The kernels instead
 // run FlashAttention's online softmax: (max m, denominator u = sum e^(s_i - m),
-// numerator w = sum e^(s_i - m) v_i), rescaled only when the maximum rises, so that
-// adding a token is a plain sum; out = w / u and lse = m + log u per token.
+// numerator w = sum e^(s_i - m) v_i; the sums as above), rescaled only when the maximum
+// rises, so that adding a token is a plain sum; out = w / u and lse = m + log u per token.
 
 // Weights for a running (m, u, w) taking in a token with score s:
 //   u <- weight_old * u + weight_new,  w <- weight_old * w + weight_new * v.
@@ -143,6 +196,13 @@ AAREN_HOST_DEVICE RescaleWeights<T> add_score(T& running_max, T score) {
 template <typename T>
 AAREN_HOST_DEVICE T reciprocal_or_zero(T denominator) {
   return denominator == T(0) ? T(0) : T(1) / denominator;
+}
+
+// 1/u of the float64 denominator in the numerator's type sum_t (rounded to it once where
+// that is float32): out = w (1/u).
+template <typename sum_t>
+AAREN_HOST_DEVICE sum_t inverse_of_sum(double denominator) {
+  return static_cast<sum_t>(reciprocal_or_zero(denominator));
 }
 
 // The backward sums run from the last token back: R_i = sum_{j>=i} e^(L_i - L_j) g_j and

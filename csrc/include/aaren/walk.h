@@ -6,7 +6,9 @@
 // walk from here. Needs no libtorch: only combine.h and the standard library.
 //
 // The state (L, o) is float64 (docs/design.md, "The state"); a walk keeps the online-softmax
-// triple (m, u, w) of combine.h in the accumulation type acc_t (float32 for float32 values).
+// triple (m, u, w) of combine.h: m in the accumulation type acc_t (float32 for float32
+// values), u in float64 and w in sum_t, combine.h's numerator_type (float64 for float32 and
+// float64 values, float32 for the half types): combine.h, "The forward's running sums".
 #pragma once
 
 #include <cstdint>
@@ -17,13 +19,13 @@ namespace aaren {
 
 // The running (m, u, w[0..D)) of one lane enters the state (L0, o0), or the empty state when
 // state_lse is null: (m, u, u o0) with (m, u) = max_sum_of(L0).
-template <typename acc_t>
+template <typename acc_t, typename sum_t>
 inline void enter_state(const double* state_lse, const double* state_out, int64_t head_dim,
-                        acc_t& running_max, acc_t& denominator, acc_t* numerator) {
+                        acc_t& running_max, double& denominator, sum_t* numerator) {
   running_max = negative_infinity<acc_t>();
-  denominator = acc_t(0);
+  denominator = 0.0;
   for (int64_t d = 0; d < head_dim; ++d) {
-    numerator[d] = acc_t(0);
+    numerator[d] = sum_t(0);
   }
   if (state_lse == nullptr) {
     return;
@@ -31,36 +33,39 @@ inline void enter_state(const double* state_lse, const double* state_out, int64_
   const MaxSum<acc_t> entering = max_sum_of<acc_t>(*state_lse);
   running_max = entering.max;
   denominator = entering.sum;
-  if (entering.sum != acc_t(0)) {
+  if (entering.sum != 0.0) {
     for (int64_t d = 0; d < head_dim; ++d) {
-      numerator[d] = static_cast<acc_t>(entering.sum * state_out[d]);
+      numerator[d] = static_cast<sum_t>(entering.sum * state_out[d]);
     }
   }
 }
 
 // The lane's (L, o) after its last token, unrounded: writes o = w / u in float64 to out_row and
 // returns L = m + log u (-inf while nothing has been seen, and then o = 0).
-template <typename acc_t>
-inline double leave_state(acc_t running_max, acc_t denominator, const acc_t* numerator,
+template <typename acc_t, typename sum_t>
+inline double leave_state(acc_t running_max, double denominator, const sum_t* numerator,
                           int64_t head_dim, double* out_row) {
-  const double inverse = reciprocal_or_zero(static_cast<double>(denominator));
+  const double inverse = reciprocal_or_zero(denominator);
   for (int64_t d = 0; d < head_dim; ++d) {
     out_row[d] = static_cast<double>(numerator[d]) * inverse;
   }
   return lse_of_wide(running_max, denominator);
 }
 
-// One token (s, v) taken into the running (m, u, w): w <- w_old w + w_new v, then writes the
-// token's output w / u (rounded to scalar_t) and returns its lse in float64.
-template <typename scalar_t, typename acc_t>
+// One token (s, v) taken into the running (m, u, w): u <- w_old u + w_new (float64),
+// w <- w_old w + w_new v (in sum_t), then writes the token's output w (1/u) (rounded to
+// scalar_t) and returns its lse in float64.
+template <typename scalar_t, typename acc_t, typename sum_t>
 inline double take_token(scalar_t score, const scalar_t* value, int64_t head_dim,
-                         acc_t& running_max, acc_t& denominator, acc_t* numerator,
+                         acc_t& running_max, double& denominator, sum_t* numerator,
                          scalar_t* out_row) {
   const RescaleWeights<acc_t> w = add_score(running_max, static_cast<acc_t>(score));
-  denominator = w.weight_old * denominator + w.weight_new;
-  const acc_t inverse = reciprocal_or_zero(denominator);
+  denominator = static_cast<double>(w.weight_old) * denominator + static_cast<double>(w.weight_new);
+  const sum_t inverse = inverse_of_sum<sum_t>(denominator);
+  const sum_t weight_old = static_cast<sum_t>(w.weight_old);
+  const sum_t weight_new = static_cast<sum_t>(w.weight_new);
   for (int64_t d = 0; d < head_dim; ++d) {
-    numerator[d] = w.weight_old * numerator[d] + w.weight_new * static_cast<acc_t>(value[d]);
+    numerator[d] = weight_old * numerator[d] + weight_new * static_cast<sum_t>(value[d]);
     out_row[d] = static_cast<scalar_t>(numerator[d] * inverse);
   }
   return lse_of_wide(running_max, denominator);

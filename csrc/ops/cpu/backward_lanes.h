@@ -271,11 +271,12 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
         }
         t.out_of_q[j] = o_row;
         const double G = t.grad_lse[j][n * steps.grad_lse];
-        t.sum_q[j] += static_cast<double>(sum_lanes(q_step)) + static_cast<double>(w) * G;
+        // Q's step against the reference (combine.h, "The backward's Q"): gate 1, G weighted.
+        t.sum_q[j] +=
+            q_term(1.0, static_cast<double>(sum_lanes(q_step)), static_cast<double>(w) * G);
         if constexpr (kOutputs) {
-          const double dot = static_cast<double>(sum_lanes(v_dot_s));
-          t.grad_score[j][n * steps.grad_score] =
-              static_cast<scalar_t>(e * static_cast<acc_t>(dot + t.sum_q[j]));
+          t.grad_score[j][n * steps.grad_score] = static_cast<scalar_t>(
+              score_gradient(e, static_cast<double>(sum_lanes(v_dot_s)), t.sum_q[j]));
         }
       }
     }

@@ -32,20 +32,27 @@ namespace aaren::ops::cpu::CPU_CAPABILITY {
 constexpr int64_t kPendingLogs = 32;
 
 // A task's lanes in the forward: where each starts (its first token), how many tokens it
-// has, and its online softmax (combine.h): running max m, denominator u, numerator row w.
+// has, and its online softmax (combine.h): running max m, denominator u (float64) and
+// numerator row w (in sum_t: float64 for float32 values; combine.h, "The forward's running
+// sums").
 template <typename scalar_t>
 struct ForwardScratch {
   using acc_t = typename VecIO<scalar_t>::acc_t;
+  using sum_t = numerator_type<scalar_t, acc_t>;
   std::vector<const scalar_t*> score, value;
   std::vector<scalar_t*> out;
   std::vector<double*> lse;
   std::vector<int64_t> length;
-  std::vector<acc_t> running_max, denominator, numerator;
+  std::vector<acc_t> running_max;
+  std::vector<double> denominator;
+  std::vector<sum_t> numerator;
   // A token's (m, u) per lane, in float64, turned into lse = m + log u with one vectorized
   // float64 log over the lanes (a scalar one per lane cost as much as the rest of the forward).
   std::vector<double> token_max, token_sum, token_lse;
-  // A token's score and the weights and 1/u it gives, per lane (take_scores).
-  std::vector<acc_t> token_score, weight_old, weight_new, inverse;
+  // A token's score and the weights it gives, per lane (take_scores), and 1/u in float64
+  // (update_row rounds it to sum_t).
+  std::vector<acc_t> token_score, weight_old, weight_new;
+  std::vector<double> inverse;
   // forward_lanes_per_lane's block of tokens per lane: the exps' arguments, the exps, the
   // running max after each token, and which weight each exp is (0: new, 1: old, 2: NaN).
   std::vector<acc_t> block_argument, block_exp, block_max;
@@ -103,8 +110,8 @@ struct ForwardScratch {
 
   // Lane j starts from the state (L0, o0) (null: the empty state): aaren/walk.h's enter_state.
   void enter(int64_t j, int64_t head_dim, const double* state_lse, const double* state_out) {
-    acc_t* w_row = numerator.data() + j * row_width;
-    std::fill(w_row + head_dim, w_row + row_width, acc_t(0));  // the padding of the row
+    sum_t* w_row = numerator.data() + j * row_width;
+    std::fill(w_row + head_dim, w_row + row_width, sum_t(0));  // the padding of the row
     enter_state(state_lse, state_out, head_dim, running_max[j], denominator[j], w_row);
   }
 
@@ -131,13 +138,14 @@ inline T fused_multiply_add(T a, T b, T c) {
 #endif
 }
 
-// add_score (combine.h) for a vector of lanes, each with its score, running max m and
-// denominator u; updates m and u and gives the weights. Branch-free: the side holding the
-// maximum has weight exactly 1, the other e^(low - high), 0 when low = -inf (never
-// -inf - -inf); a NaN on either side gives NaN. forward_lanes_per_lane forms the same
-// differences, exps and sums lane by lane (see the top of the file).
+// add_score (combine.h) for a vector of lanes, each with its score and running max m;
+// updates m and gives the weights (take_scores adds them to the float64 u). Branch-free: the
+// side holding the maximum has weight exactly 1, the other e^(low - high), 0 when
+// low = -inf (never -inf - -inf); a NaN on either side gives NaN.
+// forward_lanes_per_lane forms the same differences, exps and sums lane by lane (see the top
+// of the file).
 template <typename Vec>
-inline void add_scores(const Vec& score, Vec& max, Vec& sum, Vec& weight_old, Vec& weight_new) {
+inline void add_scores(const Vec& score, Vec& max, Vec& weight_old, Vec& weight_new) {
   using T = typename Vec::value_type;
   const Vec zero(T(0));
   const Vec one(T(1));
@@ -150,7 +158,6 @@ inline void add_scores(const Vec& score, Vec& max, Vec& sum, Vec& weight_old, Ve
   weight_old = Vec::blendv(Vec::blendv(rescale, one, score_below), nan, unordered);
   weight_new = Vec::blendv(Vec::blendv(one, rescale, score_below), nan, unordered);
   max = Vec::blendv(high, nan, unordered);
-  sum = at::vec::fmadd(weight_old, sum, weight_new);
 }
 
 // 1/u per lane, 0 while nothing has been seen (combine.h, reciprocal_or_zero).
@@ -175,12 +182,13 @@ void gather_scores(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t n,
 }
 
 // Lane j takes in its token n (scores gathered): the weights (combine.h, add_score) that
-// rescale its running (m, u, w), its updated (m, u) and, with kOutputs, 1/u and its
-// lse = m + log u, written to lse_out, all as vectors over the lanes, in registers (a vector
-// filled lane by lane through memory waits for the stores to reach the cache: perf put three
-// quarters of the lse's time on such a load). Lane by lane, with glibc's exp and a division
-// per lane, the forward took 1.35-1.4x this time at 8x2048x16x32 in half precision and
-// 1.1-1.2x in float32 (one thread, alternated in one process).
+// rescale its running (m, u, w), its updated (m, u) (u <- w_old u + w_new in float64) and,
+// with kOutputs, 1/u and its lse = m + log u, written to lse_out, all as vectors over the
+// lanes, in registers (a vector filled lane by lane through memory waits for the stores to
+// reach the cache: perf put three quarters of the lse's time on such a load). Lane by lane,
+// with glibc's exp and a division per lane, the forward took 1.35-1.4x this time at
+// 8x2048x16x32 in half precision and 1.1-1.2x in float32 (one thread, alternated in one
+// process).
 template <typename scalar_t, bool kOutputs>
 void take_scores(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t n, double* lse_out,
                  bool streaming) {
@@ -192,72 +200,97 @@ void take_scores(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t n, double* 
     const int64_t count = std::min<int64_t>(AccVec::size(), lanes - j);
     const AccVec score = AccVec::loadu(scores + j, count);
     AccVec max = AccVec::loadu(t.running_max.data() + j, count);
-    AccVec sum = AccVec::loadu(t.denominator.data() + j, count);
     AccVec weight_old, weight_new;
-    add_scores(score, max, sum, weight_old, weight_new);
+    add_scores(score, max, weight_old, weight_new);
     max.store(t.running_max.data() + j, count);
-    sum.store(t.denominator.data() + j, count);
     weight_old.store(t.weight_old.data() + j, count);
     weight_new.store(t.weight_new.data() + j, count);
+    // u in float64, a float64 vector at a time (two for float32 lanes).
+    DoubleVec old_parts[2];
+    DoubleVec new_parts[2];
+    DoubleVec max_parts[2];
+    const int parts = widen(weight_old, old_parts);
+    widen(weight_new, new_parts);
     if constexpr (kOutputs) {
-      // 1/u, 0 while nothing has been seen (combine.h, reciprocal_or_zero).
-      inverse_or_zero(sum).store(t.inverse.data() + j, count);
-      // lse = m + log u in float64 (combine.h, lse_of_wide): u = 0 gives log 0 = -inf with
-      // m = -inf.
-      DoubleVec max_parts[2];
-      DoubleVec sum_parts[2];
-      const int parts = widen(max, max_parts);
-      widen(sum, sum_parts);
-      for (int p = 0; p < parts; ++p) {
-        const int64_t first = j + p * DoubleVec::size();
-        const int64_t part_count = std::min<int64_t>(DoubleVec::size(), lanes - first);
-        if (part_count <= 0) {
-          break;
-        }
-        store_vector(lse_out + first, max_parts[p] + sum_parts[p].log(), part_count, streaming);
+      widen(max, max_parts);
+    }
+    for (int p = 0; p < parts; ++p) {
+      const int64_t first = j + p * DoubleVec::size();
+      const int64_t part_count = std::min<int64_t>(DoubleVec::size(), lanes - first);
+      if (part_count <= 0) {
+        break;
+      }
+      const DoubleVec sum = at::vec::fmadd(
+          old_parts[p], DoubleVec::loadu(t.denominator.data() + first, part_count), new_parts[p]);
+      sum.store(t.denominator.data() + first, part_count);
+      if constexpr (kOutputs) {
+        // 1/u, 0 while nothing has been seen (combine.h, reciprocal_or_zero).
+        inverse_or_zero(sum).store(t.inverse.data() + first, part_count);
+        // lse = m + log u in float64 (combine.h, lse_of_wide): u = 0 gives log 0 = -inf
+        // with m = -inf.
+        store_vector(lse_out + first, max_parts[p] + sum.log(), part_count, streaming);
       }
     }
   }
 }
 
 // Lane j's row at its token n: w <- weight_old w + weight_new v and, with kOutputs,
-// out = w / u (inverse = 1/u). Shared by forward_lanes_per_lane and forward_lanes_by_vectors.
+// out = w (1/u), with inverse = 1/u in float64 (combine.h, reciprocal_or_zero), rounded to the
+// row's sum_t (combine.h, inverse_of_sum). Shared by
+// forward_lanes_per_lane and forward_lanes_by_vectors. A float64 row of float32 values
+// (sum_t double, acc_t float) takes each vector of values as two float64 vectors and rounds
+// out back to float32 once.
 template <typename scalar_t, bool kOutputs>
 inline void update_row(ForwardScratch<scalar_t>& t, int64_t j, int64_t n, int64_t head_dim,
-                       const ForwardSteps& steps,
-                       typename VecIO<scalar_t>::AccVec weight_old,
-                       typename VecIO<scalar_t>::AccVec weight_new,
-                       typename VecIO<scalar_t>::AccVec inverse, bool streaming) {
+                       const ForwardSteps& steps, typename VecIO<scalar_t>::acc_t weight_old,
+                       typename VecIO<scalar_t>::acc_t weight_new, double inverse,
+                       bool streaming) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AccVec = typename IO::AccVec;
+  using sum_t = typename ForwardScratch<scalar_t>::sum_t;
+  using SumVec = Vectorized<sum_t>;
   constexpr int64_t acc_width = AccVec::size();
+  constexpr int64_t sum_width = SumVec::size();
   const scalar_t* v_row = t.value[j] + n * steps.value;
-  acc_t* w_row = t.numerator.data() + j * t.row_width;
-  if constexpr (kOutputs) {
-    scalar_t* o_row = t.out[j] + n * steps.out;
-    for (int64_t d = 0; d < head_dim; d += IO::width) {
-      const int64_t count = std::min(IO::width, head_dim - d);
-      AccVec v[IO::parts];
-      AccVec o[IO::parts];
-      IO::load(v_row + d, count, v);
-      for (int p = 0; p < IO::parts; ++p) {
-        acc_t* w_ptr = w_row + d + p * acc_width;
-        const AccVec updated = at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]);
+  scalar_t* o_row = kOutputs ? t.out[j] + n * steps.out : nullptr;
+  sum_t* w_row = t.numerator.data() + j * t.row_width;
+  const SumVec old_vec(static_cast<sum_t>(weight_old));
+  const SumVec new_vec(static_cast<sum_t>(weight_new));
+  const SumVec inverse_vec(static_cast<sum_t>(inverse));
+  for (int64_t d = 0; d < head_dim; d += IO::width) {
+    const int64_t count = std::min(IO::width, head_dim - d);
+    AccVec v[IO::parts];
+    AccVec o[IO::parts];
+    IO::load(v_row + d, count, v);
+    for (int p = 0; p < IO::parts; ++p) {
+      sum_t* w_ptr = w_row + d + p * acc_width;
+      if constexpr (std::is_same_v<sum_t, acc_t>) {
+        const SumVec updated = at::vec::fmadd(old_vec, SumVec::loadu(w_ptr), new_vec * v[p]);
         updated.store(w_ptr);
-        o[p] = updated * inverse;
+        if constexpr (kOutputs) {
+          o[p] = updated * inverse_vec;
+        }
+      } else {
+        static_assert(acc_width == 2 * sum_width);
+        SumVec wide[2];
+        SumVec out_parts[2];
+        widen(v[p], wide);
+        for (int q = 0; q < 2; ++q) {
+          const SumVec updated = at::vec::fmadd(old_vec, SumVec::loadu(w_ptr + q * sum_width),
+                                                new_vec * wide[q]);
+          updated.store(w_ptr + q * sum_width);
+          if constexpr (kOutputs) {
+            out_parts[q] = updated * inverse_vec;
+          }
+        }
+        if constexpr (kOutputs) {
+          o[p] = narrow(out_parts);
+        }
       }
-      IO::store(o_row + d, count, o, streaming);
     }
-  } else {
-    for (int64_t d = 0; d < head_dim; d += IO::width) {
-      const int64_t count = std::min(IO::width, head_dim - d);
-      AccVec v[IO::parts];
-      IO::load(v_row + d, count, v);
-      for (int p = 0; p < IO::parts; ++p) {
-        acc_t* w_ptr = w_row + d + p * acc_width;
-        at::vec::fmadd(weight_old, AccVec::loadu(w_ptr), weight_new * v[p]).store(w_ptr);
-      }
+    if constexpr (kOutputs) {
+      IO::store(o_row + d, count, o, streaming);
     }
   }
 }
@@ -322,14 +355,15 @@ void forward_lanes_per_lane(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t 
         const acc_t nan = t.block_argument[j * block + k];
         const acc_t weight_old = rescale == 0 ? acc_t(1) : rescale == 1 ? e : nan;
         const acc_t weight_new = rescale == 0 ? e : rescale == 1 ? acc_t(1) : nan;
-        t.denominator[j] = fused_multiply_add(weight_old, t.denominator[j], weight_new);
+        t.denominator[j] = fused_multiply_add(static_cast<double>(weight_old), t.denominator[j],
+                                              static_cast<double>(weight_new));
         if constexpr (kOutputs) {
           t.token_max[j] = t.block_max[j * block + k];
           t.token_sum[j] = t.denominator[j];
         }
-        const acc_t inverse = kOutputs ? reciprocal_or_zero(t.denominator[j]) : acc_t(0);
-        update_row<scalar_t, kOutputs>(t, j, n, head_dim, steps, AccVec(weight_old),
-                                       AccVec(weight_new), AccVec(inverse), streaming);
+        const double inverse = kOutputs ? reciprocal_or_zero(t.denominator[j]) : 0.0;
+        update_row<scalar_t, kOutputs>(t, j, n, head_dim, steps, weight_old, weight_new, inverse,
+                                       streaming);
       }
       if (kOutputs && batch_logs) {
         if (t.pending + lanes > static_cast<int64_t>(t.pending_max.size())) {
@@ -371,7 +405,6 @@ void forward_lanes_per_lane(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t 
 template <typename scalar_t, bool kOutputs>
 void forward_lanes_by_vectors(ForwardScratch<scalar_t>& t, int64_t lanes, int64_t head_dim,
                               const ForwardSteps& steps, bool lanes_adjacent, bool streaming) {
-  using AccVec = typename VecIO<scalar_t>::AccVec;
   const int64_t longest = *std::max_element(t.length.begin(), t.length.begin() + lanes);
   gather_scores(t, lanes, 0, steps);
   for (int64_t n = 0; n < longest; ++n) {
@@ -382,8 +415,8 @@ void forward_lanes_by_vectors(ForwardScratch<scalar_t>& t, int64_t lanes, int64_
     }
     for (int64_t j = 0; j < lanes; ++j) {
       if (n < t.length[j]) {
-        update_row<scalar_t, kOutputs>(t, j, n, head_dim, steps, AccVec(t.weight_old[j]),
-                                       AccVec(t.weight_new[j]), AccVec(t.inverse[j]), streaming);
+        update_row<scalar_t, kOutputs>(t, j, n, head_dim, steps, t.weight_old[j],
+                                       t.weight_new[j], t.inverse[j], streaming);
       }
     }
     if (kOutputs && !lanes_adjacent) {

@@ -204,7 +204,9 @@ void forward_typed(const ForwardArgs& args) {
 // Q_i = o_i . S_i - P_i, whose steps are small where the outputs move little:
 //   Q_i = Q_{i+1} + (o_i - o_{i+1}) . S_{i+1} + e^(r - L_i) G_i,
 //   ds_i = e^(s_i - r) ((v_i - o_i) . S_i + Q_i),   dL_0 = f (Q_1 + (o_0 - o_1) . S_1),
-// with o_0 rounded as the outputs are (combine.h, rounded_state_out).
+// with o_0 rounded as the outputs are: combine.h's "The backward's Q" (q_term, score_gradient,
+// state_lse_gradient, shift_product), whose arithmetic the CUDA backward shares in its gate
+// form.
 // The L_j are the forward's, saved: S and P are plain sums over the tokens after i, so a
 // chunk's sums from nothing after it (phase 1, P = o . S - Q in float64) add to its
 // successors' (phase 2), each moved to a common reference (combine.h, common_reference);
@@ -386,10 +388,10 @@ void backward_typed(const BackwardArgs& args) {
       const scalar_t* q_out_row = t.out_of_q[j];
       double shift_dot = 0;  // (o_0 - o) . S
       for (int64_t d = 0; d < head_dim; ++d) {
-        const acc_t shift = rounded_state_out<scalar_t, acc_t>(o0_row[d]) - static_cast<acc_t>(q_out_row[d]);
-        shift_dot += static_cast<double>(shift) * static_cast<double>(s_row[d]);
+        shift_dot += shift_product<scalar_t, acc_t>(o0_row[d], static_cast<acc_t>(q_out_row[d]),
+                                                    s_row[d]);
       }
-      grad_state_lse[b * heads + h] = static_cast<double>(f) * (t.sum_q[j] + shift_dot);
+      grad_state_lse[b * heads + h] = state_lse_gradient(f, t.sum_q[j], shift_dot);
     }
   });
 }

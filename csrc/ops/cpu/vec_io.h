@@ -105,6 +105,31 @@ inline int widen(const Vectorized<float>& x, Vectorized<double>* parts) {
   return 2;
 }
 
+// widen's inverse: two float64 vectors as one float vector, each element rounded to nearest
+// (as static_cast<float> rounds it).
+inline Vectorized<float> narrow(const Vectorized<double>* parts) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256 low = _mm512_cvtpd_ps(parts[0]);
+  const __m256 high = _mm512_cvtpd_ps(parts[1]);
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(low)),
+                                             _mm256_castps_pd(high), 1));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m128 low = _mm256_cvtpd_ps(parts[0]);
+  const __m128 high = _mm256_cvtpd_ps(parts[1]);
+  return _mm256_set_m128(high, low);
+#else
+  constexpr int64_t half = Vectorized<double>::size();
+  double wide[Vectorized<float>::size()];
+  float lanes[Vectorized<float>::size()];
+  parts[0].store(wide);
+  parts[1].store(wide + half);
+  for (int64_t k = 0; k < Vectorized<float>::size(); ++k) {
+    lanes[k] = static_cast<float>(wide[k]);
+  }
+  return Vectorized<float>::loadu(lanes);
+#endif
+}
+
 // Loads and stores a run of up to `width` elements of scalar_t as vectors of the
 // accumulation type. Half types widen one vector into two float vectors.
 template <typename scalar_t, typename = void>

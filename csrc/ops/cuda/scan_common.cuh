@@ -16,7 +16,7 @@
 // Chunks. When the sequences x feature tiles are too few warps to fill the GPU, the
 // sequence is split into chunks, in three phases, with no inter-block waiting:
 //   1. summarize: each chunk's own result from an empty start (forward: the (lse, out)
-//      of its tokens, (m + log u, w / u); backward: R and rho at its first token with
+//      of its tokens, (m + log u, w / u); backward: R and Q at its first token with
 //      nothing after it);
 //   2. the summaries form a sequence of their own, with the same recurrence (a chunk is
 //      one "token" with score = its lse and value = its out; backward: gate
@@ -43,13 +43,21 @@
 #include "ops/cuda/scan_device.cuh"
 #include "ops/cuda/scan_kernels.h"
 #include "ops/scan.h"
+#include "ops/scan_varlen.h"
 
 namespace aaren::ops::cuda {
 
+// aaren.scan_varlen's forward and backward (scan_forward.cu, scan_backward.cu: the dense
+// kernels over packed sequences), for the dtype of args.values, the chunks planned for the
+// longest sequence `longest`; scan_varlen.cu's entry points call them.
+void varlen_forward(const VarlenForwardArgs& args, int64_t longest);
+void varlen_backward(const VarlenBackwardArgs& args, int64_t longest);
+
 // ---- Problem description shared by host and device -------------------------------
 
-// Sizes of one scan problem and its split into chunks: chunk c holds the tokens
-// [c chunk_len, min((c + 1) chunk_len, length)).
+// Sizes of one scan problem (batch: the sequences; length: theirs, or the longest of packed
+// ones) and its split into chunks: chunk c holds the tokens [c chunk_len, min((c + 1)
+// chunk_len, length)) (of a packed sequence: its Span's, below).
 struct Shape {
   int64_t batch;
   int64_t length;
@@ -58,15 +66,66 @@ struct Shape {
   int64_t chunk_len;
   int64_t num_chunks;
 
-  // Offsets into contiguous [B, N, H] and [B, C, H] tensors (times dim for [.., D]).
-  __host__ __device__ int64_t token_index(int64_t b, int64_t n, int64_t h) const {
-    return (b * length + n) * heads + h;
-  }
+  // Offset into contiguous [B, C, H] tensors (times dim for [.., D]); a token's is its
+  // Span's (below).
   __host__ __device__ int64_t chunk_index(int64_t b, int64_t c, int64_t h) const {
     return (b * num_chunks + c) * heads + h;
   }
+};
+
+// ---- Where each sequence's tokens are: the sequence locators ------------------------
+//
+// The kernels are written once for both layouts; a locator gives sequence b's tokens
+// (`span`): its local token n (0 <= n < length) is row(key, h) + n stride_n of the Strided
+// inputs and (base + n) of the contiguous [.., H(, D)] outputs, and its chunk c the tokens
+// [c chunk_len, (c + 1) chunk_len) clipped to the length (empty past the end).
+struct Span {
+  int64_t key;     // the row key of the Strided views: b (dense) or the first token (packed)
+  int64_t base;    // token 0's index in the contiguous outputs
+  int64_t length;  // tokens
+  int64_t chunk_len;
+
+  __device__ int64_t chunk_begin(int64_t chunk) const {
+    return std::min(chunk * chunk_len, length);
+  }
   __device__ int64_t chunk_end(int64_t chunk) const {
     return std::min(chunk * chunk_len + chunk_len, length);
+  }
+};
+
+// [B, N, H(, D)]: sequence b the N tokens at b of the views, every chunk chunk_len long but
+// the last.
+struct DenseSequences {
+  __device__ Span span(const Shape& shape, int64_t b) const {
+    return {b, b * shape.length, shape.length, shape.chunk_len};
+  }
+};
+
+// Packed [T, H(, D)] (ops/scan_varlen.h): sequence i the tokens [cu_seqlens[i],
+// cu_seqlens[i + 1]), the views' stride_b equal to their stride_n (a row's key is its first
+// token). Every bound is clamped to [0, T] and an end to at least its start, so that wrong
+// values (not checked on the device when max_seqlen is given) give wrong results but never
+// an access outside the tensors. The chunk plan (Shape's chunk_len and num_chunks) is made
+// for the longest sequence, max_seqlen: a sequence with more tokens than num_chunks x
+// chunk_len gets longer chunks (a multiple of 32), so that every token is in one; a shorter
+// one leaves its last chunks empty.
+struct PackedSequences {
+  const void* bounds;  // cu_seqlens [N + 1]
+  bool bounds_64;      // int64 (else int32)
+  int64_t tokens;      // T
+
+  __device__ int64_t bound(int64_t i) const {
+    const int64_t b = bounds_64 ? static_cast<const int64_t*>(bounds)[i]
+                                : static_cast<const int32_t*>(bounds)[i];
+    return std::min(std::max<int64_t>(b, 0), tokens);
+  }
+  __device__ Span span(const Shape& shape, int64_t i) const {
+    const int64_t begin = bound(i);
+    const int64_t length = std::max(begin, bound(i + 1)) - begin;
+    const int64_t per_chunk = (length + shape.num_chunks - 1) / shape.num_chunks;
+    const int64_t chunk_len =
+        std::max(shape.chunk_len, (per_chunk + kWarpSize - 1) / kWarpSize * kWarpSize);
+    return {begin, begin, length, chunk_len};
   }
 };
 
@@ -93,6 +152,12 @@ Strided<T> sequence_view(T* data, const at::Tensor& t) {
 template <typename T>
 Strided<T> state_view(T* data, const at::Tensor& t) {
   return {data, t.stride(0), 0, t.stride(1)};
+}
+
+// Packed tokens [T, H(, D)] (PackedSequences: a row's key is its first token).
+template <typename T>
+Strided<T> packed_view(T* data, const at::Tensor& t) {
+  return {data, t.stride(0), t.stride(0), t.stride(1)};
 }
 
 // A contiguous [B, N, H, D] tensor (or [B, N, H] with dim = 1).

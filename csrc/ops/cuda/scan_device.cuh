@@ -43,9 +43,9 @@ __device__ __forceinline__ void store_pack(T* ptr, const acc_t (&x)[VEC]) {
 }
 
 // The scalars of the forward's online softmax (aaren/combine.h) over some tokens: their
-// maximum score m and the denominator u = sum e^(s_i - m), as MaxSum. A token is (s, 1); a
-// masked token (s = -inf) and the empty state are (-inf, 0); a float64 log-sum L (a state,
-// a chunk summary) is max_sum_of(L) = (L rounded, e^(L - rounded)). The numerator
+// maximum score m and the denominator u = sum e^(s_i - m) (float64), as MaxSum. A token is
+// (s, 1); a masked token (s = -inf) and the empty state are (-inf, 0); a float64 log-sum L (a
+// state, a chunk summary) is max_sum_of(L) = (L rounded, e^(L - rounded)). The numerator
 // w = sum e^(s_i - m) v_i is kept per feature; per token, out = w / u and lse = m + log u.
 
 // A then B: m = max(m_A, m_B), u = u_A e^(m_A - m) + u_B e^(m_B - m), with the weights as
@@ -56,7 +56,8 @@ __device__ __forceinline__ MaxSum<acc_t> merge_max_sum(const MaxSum<acc_t>& a,
                                                        const MaxSum<acc_t>& b) {
   acc_t max = a.max;
   const RescaleWeights<acc_t> w = add_score(max, b.max);
-  return {max, fma(w.weight_old, a.sum, w.weight_new * b.sum)};
+  return {max,
+          fma(static_cast<double>(w.weight_old), a.sum, static_cast<double>(w.weight_new) * b.sum)};
 }
 
 // The online softmax of a tile, token `lane` on each lane, from the state `carry` before
@@ -96,7 +97,8 @@ __device__ __forceinline__ TileSoftmax<acc_t> tile_online_softmax(const MaxSum<a
     max_before = carry.max;
   }
   const RescaleWeights<acc_t> weights = add_score(max_before, token.max);
-  return {state, weights.weight_old, weights.weight_new * token.sum};
+  return {state, weights.weight_old,
+          static_cast<acc_t>(static_cast<double>(weights.weight_new) * token.sum)};
 }
 
 // A reverse first-order linear recurrence over the lanes of a tile:
@@ -105,12 +107,12 @@ __device__ __forceinline__ TileSoftmax<acc_t> tile_online_softmax(const MaxSum<a
 // maps (log-depth), and lane j returns y_j. Gates a <= 1 keep every product bounded;
 // a gate of exactly 0 (a masked token) cuts off everything after it, as in the
 // sequential recurrence. Lanes past the end of the sequence pass the identity (1, 0).
-template <typename acc_t>
-__device__ __forceinline__ acc_t reverse_linear_scan(acc_t a, acc_t c, acc_t carry, int lane) {
+template <typename T>
+__device__ __forceinline__ T reverse_linear_scan(T a, T c, T carry, int lane) {
 #pragma unroll
   for (int offset = 1; offset < kWarpSize; offset *= 2) {
-    const acc_t a_later = __shfl_down_sync(kFullMask, a, offset);
-    const acc_t c_later = __shfl_down_sync(kFullMask, c, offset);
+    const T a_later = __shfl_down_sync(kFullMask, a, offset);
+    const T c_later = __shfl_down_sync(kFullMask, c, offset);
     if (lane + offset < kWarpSize) {
       c = c + a * c_later;
       a = a * a_later;
