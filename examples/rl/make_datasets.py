@@ -3,7 +3,7 @@ D4RL/Minari downloads are out of reach: D4RL's "medium" and "medium-replay" reci
 gymnasium MuJoCo environment, with a behaviour policy trained by stable-baselines3's SAC.
 
     python examples/rl/make_datasets.py --env Hopper-v5 --out DIR [--seed 0]
-        [--sac-steps 120000] [--checkpoint-every 5000] [--medium-transitions 100000] [--quick]
+        [--sac-steps 100000] [--checkpoint-every 5000] [--medium-transitions 100000] [--quick]
 
 Stages, each resumable (a finished stage is skipped; SAC training continues from its last
 checkpoint: model, replay buffer and the recorded transitions, every --checkpoint-every steps):
@@ -265,7 +265,7 @@ def main(argv=None):
     p.add_argument("--env", default="Hopper-v5")
     p.add_argument("--out", required=True, help="output folder (outside the repository)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sac-steps", type=int, default=120_000)
+    p.add_argument("--sac-steps", type=int, default=100_000)
     p.add_argument("--checkpoint-every", type=int, default=5000)
     p.add_argument("--learning-starts", type=int, default=10_000)
     p.add_argument("--eval-episodes", type=int, default=5)
