@@ -9,8 +9,8 @@
   actions that the converted model's full forward predicts over the same trajectory; the
   transformer's windowed rollout equals its full forward while the episode is shorter than K;
 - a seconds-long run of the whole pipeline (make_datasets --quick, both models --quick,
-  summarize) writes the datasets, the per-run JSON and summary.json, and a rerun skips
-  what is finished.
+  summarize) writes the datasets, the per-run JSON and summary.json, a rerun skips what is
+  finished, and SAC resumed from its checkpoint rebuilds the same medium-replay data.
 """
 import json
 import os
@@ -175,6 +175,13 @@ def test_quick_pipeline_end_to_end(dt, tmp_path):
     recorded = next(e["recorded_transitions"] for e in log if e["step"] == step)
     replay = np.load(os.path.join(out, "medium-replay.npz"))
     assert len(replay["rewards"]) == recorded == step  # every SAC step up to the checkpoint
+    # SAC resumed from its last checkpoint (here: the end) rebuilds the same medium-replay
+    old = dict(np.load(os.path.join(out, "medium-replay.npz")))
+    for name in ("sac/done.json", "sac/recording.npz", "medium-replay.npz"):
+        os.remove(os.path.join(out, name))
+    make.main(["--out", str(tmp_path / "data"), "--quick"])
+    new = np.load(os.path.join(out, "medium-replay.npz"))
+    assert all(np.array_equal(old[k], new[k]) for k in old)
     refs = json.load(open(os.path.join(out, "references.json")))
     assert {"random_return", "expert_return", "random_returns", "expert_returns"} <= set(refs)
     # seconds-long SAC: its expert need not beat the random policy, so fix references here

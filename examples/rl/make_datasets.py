@@ -147,9 +147,12 @@ def train_sac(args, sac_dir):
         model = SAC.load(model_path, env=env, device="cpu")
         model.load_replay_buffer(os.path.join(sac_dir, "latest_buffer.pkl"))
         recorder.load(os.path.join(sac_dir, "latest_recording.npz"))
+        # one row per environment step: a run stopped while saving may have written the
+        # recording or the log of a checkpoint whose model it did not save
+        recorder.rows = {k: v[:model.num_timesteps] for k, v in recorder.rows.items()}
         recorder.cut()
         with open(log_path) as f:
-            log = json.load(f)
+            log = [e for e in json.load(f) if e["step"] <= model.num_timesteps]
         print(f"resuming SAC at step {model.num_timesteps}", flush=True)
     else:
         model = SAC("MlpPolicy", env, seed=args.seed, learning_starts=args.learning_starts,
