@@ -19,8 +19,9 @@ it sees when it acts:
   token, not the last K. It is therefore trained on whole trajectories from their first step
   (drawn uniformly, so that each transition weighs the same in expectation, as with the
   windows, until the batch holds at least ``--batch`` x K timesteps, the transformer's count
-  of action targets; loss on every timestep), so that training sees what streaming sees. (A K-window-trained Aaren streamed from the start would meet contexts
-  longer than any it was trained on.)
+  of action targets; loss on every timestep), so that training sees what streaming sees.
+  (A K-window-trained Aaren streamed from the start would meet contexts longer than any it
+  was trained on.)
 
 Evaluation: ``--eval-episodes`` episodes (10) in parallel, environment seeds ``10_000 * seed +
 i``, return-to-go conditioned on the expert's reference return; the score is D4RL's
