@@ -10,7 +10,8 @@
   transformer's windowed rollout equals its full forward while the episode is shorter than K;
 - a seconds-long run of the whole pipeline (make_datasets --quick, both models --quick,
   summarize) writes the datasets, the per-run JSON and summary.json, a rerun skips what is
-  finished, and SAC resumed from its checkpoint rebuilds the same medium-replay data.
+  finished (also through run_table.py), and SAC resumed from its checkpoint rebuilds the
+  same medium-replay data.
 """
 import json
 import os
@@ -208,3 +209,9 @@ def test_quick_pipeline_end_to_end(dt, tmp_path):
         assert rec["seeds"] == [1] and rec["std"] == 0.0
         assert rec["mean"] == pytest.approx(results[rec["model"]]["normalized_return"])
     assert (tmp_path / "results" / "learning_curves.png").stat().st_size > 0
+    # the table's driver over the same folder: every stage finds its output and skips it
+    table = load_script("examples/rl/run_table.py", "rl_run_table")
+    table.main(["--work", str(tmp_path), "--quick", "--seeds", "1", "--datasets", "medium"])
+    assert json.load(open(tmp_path / "results" / "summary.json")) == summary
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").iterdir())
+    assert logs.count("done already") == 2 and "SAC" not in logs

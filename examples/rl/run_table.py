@@ -4,7 +4,7 @@ then the summary and plot (summarize.py). Each stage skips what is finished, so 
 the same command continues an interrupted table.
 
     python examples/rl/run_table.py --work DIR [--results benchmarks/results/rl] [--jobs 2]
-        [--envs Hopper-v5] [--seeds 0 1 2] [--quick]
+        [--envs Hopper-v5] [--seeds 0 1 2] [--datasets ...] [--models ...] [--quick]
 
 Logs go to ``DIR/logs/``. Extra options after ``--dt`` go to every decision_transformer.py
 run, e.g. ``--dt --steps 2000``.
@@ -39,6 +39,8 @@ def main(argv=None):
     p.add_argument("--results", default=None, help="summary.json and plot (default WORK/results)")
     p.add_argument("--envs", nargs="+", default=["Hopper-v5"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dt", nargs=argparse.REMAINDER, default=[],
@@ -56,7 +58,7 @@ def main(argv=None):
         run([py, os.path.join(HERE, "make_datasets.py"), "--env", env, "--out", data] + quick,
             os.path.join(logs, f"datasets_{env}.log"))
     jobs = [(env, ds, model, seed) for seed in args.seeds for env in args.envs
-            for ds in DATASETS for model in MODELS]
+            for ds in args.datasets for model in args.models]
 
     def one(job):
         env, ds, model, seed = job
@@ -72,6 +74,7 @@ def main(argv=None):
     run([py, os.path.join(HERE, "summarize.py"), "--runs", os.path.join(args.work, "runs"),
          "--results", results, "--copy-runs"], os.path.join(logs, "summarize.log"))
     print(f"table in {results}", flush=True)
+    return results
 
 
 if __name__ == "__main__":
