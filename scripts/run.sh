@@ -104,6 +104,9 @@ setup() {
   # The TSLib-protocol benchmarks (examples/forecast.py, examples/classify_uea.py): already
   # pulled in by sktime; pinned so that the CSV reading and the validation split stay the same.
   python -m pip install -q "pandas==3.0.6" "scikit-learn==1.9.1"
+  # The offline-RL example's smoke test (tests/test_rl.py; pyproject's [rl] extra): MuJoCo
+  # environments and the SAC behaviour policy. Pinned: the versions the results were made with.
+  python -m pip install -q "gymnasium[mujoco]==1.4.0" "mujoco==4.0.1" "stable-baselines3==2.9.2"
   log "building and installing aaren (torch $TORCH_VERSION, build dir $AAREN_BUILD_DIR, MAX_JOBS=$MAX_JOBS, CUDA $AAREN_CUDA, archs $TORCH_CUDA_ARCH_LIST)"
   AAREN_BUILD_TESTS="$AAREN_BUILD_TESTS" python -m pip install -q --no-build-isolation --no-deps .
   python -m aaren
