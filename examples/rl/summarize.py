@@ -1,6 +1,6 @@
 """The offline-RL table from the per-run JSON files of decision_transformer.py: ``summary.json``
 (a list of records ``{"env", "dataset", "model", "seeds", "normalized_return" (one per seed),
-"mean", "std"}``; std is the sample standard deviation over seeds, 0 for one seed) and a plot
+"mean", "std"}``; std is the sample standard deviation over seeds, null for one seed) and a plot
 of the learning curves (normalized return against gradient steps, mean and min-max band over
 seeds, one panel per env and dataset).
 
@@ -42,7 +42,7 @@ def summarize(runs):
         records.append({
             "env": env, "dataset": dataset, "model": model, "seeds": [r["seed"] for r in group],
             "normalized_return": scores, "mean": float(np.mean(scores)),
-            "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+            "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
             "episodes_per_seed": len(group[0]["returns"]),
             "raw_return_mean": float(np.mean([np.mean(r["returns"]) for r in group])),
             "references": group[0]["references"],
@@ -103,8 +103,9 @@ def main(argv=None):
             with open(os.path.join(dest, f"seed{run['seed']}.json"), "w") as f:
                 json.dump(run, f, indent=1)
     for r in records:
+        std = "  n/a" if r["std"] is None else f"{r['std']:5.1f}"
         print(f"{r['env']:12s} {r['dataset']:14s} {r['model']:12s} "
-              f"{r['mean']:7.1f} +- {r['std']:5.1f}  (seeds {r['seeds']})")
+              f"{r['mean']:7.1f} +- {std}  (seeds {r['seeds']})")
     print(f"{len(runs)} runs, {len(records)} records -> {args.results}", file=sys.stderr)
     return records
 
