@@ -9,7 +9,8 @@
   actions that the converted model's full forward predicts over the same trajectory; the
   transformer's windowed rollout equals its full forward while the episode is shorter than K;
 - a seconds-long run of the whole pipeline (make_datasets --quick, both models --quick,
-  summarize) writes the datasets, the per-run JSON and summary.json, a rerun skips what is
+  summarize) writes the datasets, the per-run JSON and summary.json (quick runs only with
+  --include-quick; runs whose references are too close to normalize never), a rerun skips what is
   finished (also through run_table.py), and SAC resumed from its checkpoint rebuilds the
   same medium-replay data.
 """
@@ -201,11 +202,18 @@ def test_quick_pipeline_end_to_end(dt, tmp_path):
                      "--seed", "1", "--out", runs, "--quick"])
     assert again == json.loads(json.dumps(results["aaren"]))  # finished: read back
     assert make.main(["--out", str(tmp_path / "data"), "--quick"]) == out  # stages skipped
-    records = summarize.main(["--runs", runs, "--results", str(tmp_path / "results")])
+    assert all(r["quick"] for r in results.values())
+    # quick runs are left out of the table unless asked for (smoke tests), then marked
+    assert summarize.main(["--runs", runs, "--results", str(tmp_path / "plain")]) == []
+    assert json.load(open(tmp_path / "plain" / "summary.json")) == []
+    assert not (tmp_path / "plain" / "learning_curves.png").exists()
+    records = summarize.main(["--runs", runs, "--results", str(tmp_path / "results"),
+                              "--include-quick"])
     summary = json.load(open(tmp_path / "results" / "summary.json"))
     assert summary == json.loads(json.dumps(records)) and len(summary) == 2
     for rec in summary:
         assert {"env", "dataset", "model", "seeds", "normalized_return", "mean", "std"} <= set(rec)
+        assert rec["quick"] is True
         assert rec["seeds"] == [1] and rec["std"] is None  # one seed: no spread
         assert rec["mean"] == pytest.approx(results[rec["model"]]["normalized_return"])
     assert (tmp_path / "results" / "learning_curves.png").stat().st_size > 0
@@ -215,3 +223,42 @@ def test_quick_pipeline_end_to_end(dt, tmp_path):
     assert json.load(open(tmp_path / "results" / "summary.json")) == summary
     logs = "".join(p.read_text() for p in (tmp_path / "logs").iterdir())
     assert logs.count("done already") == 2 and "SAC" not in logs
+
+
+def run_record(quick=False, random_return=20.0, expert_return=350.0, score=50.0):
+    return {"env": "Hopper-v5", "dataset": "medium", "model": "aaren", "seed": 0,
+            "quick": quick, "normalized_return": score, "returns": [1.0], "train_seconds": 1.0,
+            "references": {"random_return": random_return, "expert_return": expert_return,
+                           "expert": "SAC"}, "config": {"steps": 10, "quick": quick}, "curve": []}
+
+
+def test_summary_leaves_out_quick_runs_and_close_references():
+    summarize = load_script("examples/rl/summarize.py", "rl_summarize")
+    good = run_record()
+    assert summarize.left_out_reason(good) is None
+    assert "--quick" in summarize.left_out_reason(run_record(quick=True))
+    assert summarize.left_out_reason(run_record(quick=True), include_quick=True) is None
+    old_quick = run_record()
+    del old_quick["quick"]
+    old_quick["config"]["quick"] = True  # files written before the "quick" key: config says
+    assert "--quick" in summarize.left_out_reason(old_quick)
+    assert "no score" in summarize.left_out_reason(run_record(score=None))
+    # a trial's quick references: expert 66.7 against random 65.7 (scores around -4000)
+    close = run_record(random_return=65.7, expert_return=66.7, score=-4000.0)
+    assert "too close" in summarize.left_out_reason(close, include_quick=True)
+    # the threshold: a gap of 10% of the larger return's magnitude
+    assert summarize.left_out_reason(run_record(random_return=90.0, expert_return=100.0)) is None
+    assert "too close" in summarize.left_out_reason(run_record(random_return=91.0,
+                                                               expert_return=100.0))
+    records = summarize.summarize([good, run_record(quick=True), close])
+    assert len(records) == 1 and records[0]["quick"] is False
+
+
+def test_quick_table_refuses_the_repository_results(tmp_path, capsys):
+    table = load_script("examples/rl/run_table.py", "rl_run_table")
+    with pytest.raises(SystemExit) as exit_info:
+        table.main(["--work", str(tmp_path), "--quick", "--results",
+                    os.path.join(table.RESULTS_ROOT, "rl")])
+    assert exit_info.value.code == 2
+    assert "--quick writes smoke-test numbers" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()

@@ -27,7 +27,8 @@ Evaluation: ``--eval-episodes`` episodes (10) in parallel, environment seeds ``1
 i``, return-to-go conditioned on the expert's reference return; the score is D4RL's
 normalized return against the references of make_datasets.py. Every ``--eval-every`` steps
 the same evaluation gives the learning curve. Writes ``RUNS_DIR/<env>/<dataset>/<model>/
-seed<S>.json`` (config, curve, final returns and scores) and a resumable checkpoint ``.pt``
+seed<S>.json`` (config, curve, final returns and scores; ``"quick": true`` for a ``--quick``
+run, which summarize.py leaves out) and a resumable checkpoint ``.pt``
 beside it (a finished run is skipped).
 """
 import argparse
@@ -291,7 +292,7 @@ def train(args):
                 os.replace(ckpt + ".tmp", ckpt)
     final = state["curve"][-1]
     result = {"env": env_name, "dataset": dataset, "model": args.model, "seed": args.seed,
-              "normalized_return": final["normalized_mean"], "returns": final["returns"],
+              "quick": bool(args.quick), "normalized_return": final["normalized_mean"], "returns": final["returns"],
               "normalized": final["normalized"], "references": {
                   k: refs[k] for k in ("random_return", "expert_return", "expert")},
               "train_seconds": state["seconds"], "config": config, "curve": state["curve"],

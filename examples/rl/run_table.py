@@ -6,10 +6,15 @@ the same command continues an interrupted table.
     python examples/rl/run_table.py --work DIR [--results benchmarks/results/rl] [--jobs 2]
         [--envs Hopper-v5] [--seeds 0 1 2] [--datasets ...] [--models ...] [--quick]
 
-Logs go to ``DIR/logs/``. Extra options after ``--dt`` go to every decision_transformer.py
+Logs go to ``DIR/logs/``, the summary and plot to ``--results`` (default ``DIR/results/``).
+``--quick`` is a smoke test of every stage (tiny budgets, seed 0 unless ``--seeds`` says
+otherwise; a few minutes on 2 cores): its numbers mean nothing, so it refuses a ``--results``
+inside the repository's benchmarks/results/, and its summary keeps its runs (marked
+``"quick": true``) only where their references are far enough apart to normalize. Extra options after ``--dt`` go to every decision_transformer.py
 run, e.g. ``--dt --steps 2000``.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +25,14 @@ sys.path.insert(0, HERE)
 from rl_data import check_env_name  # noqa: E402
 
 DATASETS = ("medium", "medium-replay")
+# The repository's results (benchmarks/results/): no --quick output goes there.
+RESULTS_ROOT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "benchmarks", "results")
+
+
+def inside(path, folder):
+    """Whether ``path`` is ``folder`` or under it (both resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
 MODELS = ("aaren", "transformer")
 
 
@@ -38,16 +51,27 @@ def main(argv=None):
     p.add_argument("--work", required=True, help="datasets, runs and logs (outside the repo)")
     p.add_argument("--results", default=None, help="summary.json and plot (default WORK/results)")
     p.add_argument("--envs", nargs="+", default=["Hopper-v5"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="default 0 1 2; with --quick, 0")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test of every stage (tiny budgets; numbers mean nothing)")
     p.add_argument("--dt", nargs=argparse.REMAINDER, default=[],
                    help="options for every decision_transformer.py run")
     args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
+    if args.quick and args.results and inside(args.results, RESULTS_ROOT):
+        p.error(f"--quick writes smoke-test numbers: not into {os.path.normpath(args.results)} "
+                f"(the repository's results); leave out --results (WORK/results) or pick "
+                f"another folder")
     for env in args.envs:
-        check_env_name(env)
+        try:
+            check_env_name(env)
+        except ValueError as error:
+            p.error(str(error))
     logs = os.path.join(args.work, "logs")
     os.makedirs(logs, exist_ok=True)
     py = sys.executable
@@ -72,8 +96,14 @@ def main(argv=None):
         list(pool.map(one, jobs))
     results = args.results or os.path.join(args.work, "results")
     run([py, os.path.join(HERE, "summarize.py"), "--runs", os.path.join(args.work, "runs"),
-         "--results", results, "--copy-runs"], os.path.join(logs, "summarize.log"))
-    print(f"table in {results}", flush=True)
+         "--results", results, "--copy-runs"] + (["--include-quick"] if args.quick else []),
+        os.path.join(logs, "summarize.log"))
+    with open(os.path.join(results, "summary.json")) as f:
+        records = json.load(f)
+    print(f"table in {results} ({len(records)} records)", flush=True)
+    if not records:
+        print(f"every run was left out of the table: see {os.path.join(logs, 'summarize.log')}",
+              flush=True)
     return results
 
 
