@@ -103,7 +103,8 @@ def check_sequences(seqs, path: str = "<data>", num_types: Optional[int] = None)
 def load_events(path: str, num_types: Optional[int] = None) -> dict:
     """An EasyTPP JSON file -> {"seqs", "num_types", "path"} after check_sequences."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"event file not found: {path!r} (make one with --generate)")
+        raise FileNotFoundError(f"event file not found: {os.path.normpath(path)} (make one with "
+                                f"--generate)")
     with open(path) as f:
         try:
             seqs = json.load(f)

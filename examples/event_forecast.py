@@ -52,12 +52,17 @@ is the floor that `--process` reports the gap to.
 Each sequence starts empty at time 0 (time_since_start is the time since then) and holds
 its first L events, L uniform in 30..70.
 
-    python examples/event_forecast.py --generate hawkes5 --out-dir data/hawkes5 --seed 0
-    python examples/event_forecast.py --train data/hawkes5/train.json \\
-        --valid data/hawkes5/valid.json --test data/hawkes5/test.json \\
-        --process data/hawkes5/process.json --model aaren --seed 0 --json aaren_0.json
+DIR below: a folder outside the repository (--json creates the record's folder).
+
+    python examples/event_forecast.py --generate hawkes5 --out-dir DIR/hawkes5 --seed 0
+    python examples/event_forecast.py --train DIR/hawkes5/train.json \\
+        --valid DIR/hawkes5/valid.json --test DIR/hawkes5/test.json \\
+        --process DIR/hawkes5/process.json --model aaren --seed 0 --json DIR/records/aaren_0.json
     python examples/event_forecast.py --quick ...     # a pipeline check: tiny model, 2 epochs
     python examples/event_forecast.py --summarize benchmarks/results/events
+
+--summarize DIR prints the table of the records in DIR and writes it to DIR/summary.md (DIR
+may also be one record file: then the table is only printed).
 
 The JSON record: model, seed, dataset, nll_per_event, scored_events, rmse_next_time,
 type_accuracy, params, epochs_run, best_epoch, train_seconds, the losses, and with
@@ -376,19 +381,55 @@ def summary_table(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def summarize(directory: str) -> str:
+def summarize(path: str) -> str:
+    """The table of the records (``--json`` files) in folder ``path``, also written to
+    ``path/summary.md``; ``path`` may also be one record file, whose table is only returned.
+    Raises FileNotFoundError when ``path`` does not exist or holds no record."""
+    path = os.path.normpath(path)
+    if os.path.isfile(path):
+        files, folder = [path], None
+    elif os.path.isdir(path):
+        files, folder = sorted(glob.glob(os.path.join(path, "*.json"))), path
+    else:
+        raise FileNotFoundError(f"{path} not found: --summarize takes a folder of records "
+                                f"(--json files) or one record file")
     records = []
-    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
-        with open(path) as f:
-            record = json.load(f)
+    for name in files:
+        try:
+            with open(name) as f:
+                record = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
         if isinstance(record, dict) and "nll_per_event" in record and "model" in record:
             records.append(record)
     if not records:
-        raise FileNotFoundError(f"no event-forecasting records (*.json with nll_per_event) in {directory!r}")
+        what = "is no event-forecasting record" if folder is None else "holds no event-forecasting records"
+        raise FileNotFoundError(f"{path} {what} (a JSON object with nll_per_event, written by --json)")
     table = summary_table(records)
-    with open(os.path.join(directory, "summary.md"), "w") as f:
-        f.write(table + "\n")
+    if folder is not None:
+        with open(os.path.join(folder, "summary.md"), "w") as f:
+            f.write(table + "\n")
     return table
+
+
+def load_process(path: str, num_types: int) -> dict:
+    """The process.json of ``--generate`` at ``path``, checked against ``num_types``. Raises
+    FileNotFoundError for a missing file and EventDataError for another kind of file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"process file not found: {os.path.normpath(path)} (--generate "
+                                f"writes process.json beside train/valid/test.json)")
+    try:
+        with open(path) as f:
+            process = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EventDataError(f"{path}: not valid JSON ({e})") from None
+    if not (isinstance(process, dict) and {"name", "kind", "mu"} <= set(process)):
+        raise EventDataError(f"{path}: not a process.json of --generate (a JSON object with "
+                             f"name, kind, mu, ...)")
+    if len(process["mu"]) != num_types:
+        raise EventDataError(f"{path}: a process of {len(process['mu'])} types, but "
+                             f"the files have dim_process {num_types}")
+    return process
 
 
 # --------------------------------------------------------------------------- main
@@ -402,7 +443,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--test", help="test sequences (the reported metrics)")
     parser.add_argument("--model", choices=MODELS, default="aaren")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write the record (a JSON object) here")
+    parser.add_argument("--json", default=None,
+                        help="write the record (a JSON object) here (its folder is created)")
     parser.add_argument("--process", default=None,
                         help="process.json of --generate: also report the true model's metrics "
                              "on the test file and the gap to its NLL")
@@ -433,13 +475,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         metavar=("TRAIN", "VALID", "TEST"),
                         help=f"sequences per split for --generate (default {' '.join(map(str, SPLIT_SIZES))})")
     parser.add_argument("--summarize", default=None, metavar="DIR",
-                        help="print (and write DIR/summary.md) the table of the records in DIR")
+                        help="print the table of the records (--json files) in folder DIR and "
+                             "write it to DIR/summary.md; DIR may also be one record file "
+                             "(then the table is only printed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     if args.summarize:
-        table = summarize(args.summarize)
+        try:
+            table = summarize(args.summarize)
+        except FileNotFoundError as error:
+            parser.error(str(error))
         print(table)
+        if os.path.isdir(args.summarize):
+            print(f"(written to {os.path.join(os.path.normpath(args.summarize), 'summary.md')})",
+                  file=sys.stderr)
         return {"table": table}
     if args.generate:
         if not args.out_dir:
@@ -465,26 +515,27 @@ def main(argv: Optional[List[str]] = None) -> dict:
         args.epochs, args.d_model, args.d_ff = 2, 16, 32
         args.stream_sequences = min(args.stream_sequences, 2)
 
-    data = {"train": load_events(args.train)}
-    dim = data["train"]["num_types"]
-    data["valid"] = load_events(args.valid, dim)
-    data["test"] = load_events(args.test, dim)
+    # bad input files end the script with their message (exit 2), not a traceback
+    try:
+        data = {"train": load_events(args.train)}
+        dim = data["train"]["num_types"]
+        data["valid"] = load_events(args.valid, dim)
+        data["test"] = load_events(args.test, dim)
+        process = load_process(args.process, dim) if args.process else None
+    except (FileNotFoundError, EventDataError) as error:
+        parser.error(str(error))
     if args.quick:
         for split, limit in (("train", 64), ("valid", 32), ("test", 32)):
             data[split]["seqs"] = data[split]["seqs"][:limit]
-    process = None
-    if args.process:
-        with open(args.process) as f:
-            process = json.load(f)
-        if len(process["mu"]) != dim:
-            raise EventDataError(f"{args.process}: a process of {len(process['mu'])} types, but "
-                                 f"the files have dim_process {dim}")
     dataset = process["name"] if process else os.path.basename(os.path.dirname(os.path.abspath(args.train)))
     print(f"{dataset}: {dim} types; " + ", ".join(
         f"{split} {len(d['seqs'])} sequences / {sum(s['seq_len'] for s in d['seqs'])} events"
         for split, d in data.items()), flush=True)
 
-    record, model = train(args, data)
+    try:
+        record, model = train(args, data)
+    except EventDataError as error:  # e.g. a training file without a positive gap
+        parser.error(str(error))
     record = {"dataset": dataset, **record}
     result = evaluate(model, data["test"]["seqs"], predictions=True)
     record.update(result)
@@ -508,6 +559,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
               f"differ by at most {sc['max_abs_diff_log_likelihood']:.2e}; state "
               f"{sc['state_bytes_min']:,} to {sc['state_bytes_max']:,} bytes", flush=True)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
     return record

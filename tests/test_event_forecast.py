@@ -17,6 +17,7 @@ files, intensity family and simulators: examples/event_data.py).
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -121,13 +122,32 @@ def test_bad_files(ed, tmp_path):
         ed.load_events(str(path), num_types=5)
 
 
-def test_script_refuses_bad_file(ef, ed, tmp_path):
+def test_script_refuses_bad_file(ef, ed, tmp_path, capsys):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(good_sequences()))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(_broken(BAD["unsorted times"][0])))
-    with pytest.raises(ed.EventDataError, match=r"bad\.json: sequence 1, field 'time_since_start'"):
+    # the script ends with the message and exit status 2 (argparse's), not a traceback
+    with pytest.raises(SystemExit) as exit_info:
         ef.main(["--train", str(good), "--valid", str(good), "--test", str(bad), "--quick"])
+    assert exit_info.value.code == 2
+    assert re.search(r"bad\.json: sequence 1, field 'time_since_start'", capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        ef.main(["--train", str(tmp_path / "sub" / ".." / "absent.json"), "--valid", str(good),
+                 "--test", str(good), "--quick"])
+    err = capsys.readouterr().err
+    assert f"event file not found: {tmp_path / 'absent.json'}" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        ef.main(["--train", str(good), "--valid", str(good), "--test", str(good), "--quick",
+                 "--process", str(tmp_path / "process.json")])
+    assert "process file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ef.main(["--train", str(good), "--valid", str(good), "--test", str(good), "--quick",
+                 "--process", str(good)])
+    assert "not a process.json of --generate" in capsys.readouterr().err
+    # the library function still raises
+    with pytest.raises(FileNotFoundError, match="process file not found"):
+        ef.load_process(str(tmp_path / "process.json"), 3)
 
 
 # --------------------------------------------------------------------------- simulators
@@ -410,6 +430,24 @@ def test_generate_and_quick_run(ef, ed, tmp_path):
     table = ef.main(["--summarize", str(tmp_path)])["table"]
     assert "| hawkes2 | aaren | 1 |" in table and "| hawkes2 | transformer | 1 |" in table
     assert "true process" in table and (tmp_path / "summary.md").exists()
+    # one record file: its table, printed only (no summary.md beside it)
+    (tmp_path / "summary.md").unlink()
+    one = ef.main(["--summarize", str(out)])["table"]
+    assert "| hawkes2 | aaren | 1 |" in one and "transformer" not in one
+    assert not (tmp_path / "summary.md").exists()
+
+
+def test_summarize_errors(ef, tmp_path, capsys):
+    (tmp_path / "notes.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(FileNotFoundError, match="holds no event-forecasting records"):
+        ef.summarize(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="is no event-forecasting record"):
+        ef.summarize(str(tmp_path / "notes.json"))
+    with pytest.raises(SystemExit) as exit_info:
+        ef.main(["--summarize", str(tmp_path / "absent")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "not found: --summarize takes a folder of records" in err and "Traceback" not in err
 
 
 def test_summary_std_only_with_two_seeds(ef):
