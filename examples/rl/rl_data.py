@@ -39,8 +39,9 @@ def make_env(name: str, seed: int = None):
         import mujoco  # noqa: F401
     except ImportError as error:  # pragma: no cover - exercised only without the rl extra
         raise ImportError("the offline-RL example needs gymnasium's MuJoCo environments and "
-                          "stable-baselines3: in an aaren checkout, "
-                          "pip install --no-build-isolation '.[rl]'") from error
+                          "stable-baselines3: scripts/run.sh setup installs them; or, in an aaren "
+                          "checkout, pip install --no-build-isolation '.[rl]' (it rebuilds aaren: "
+                          "prefix AAREN_CUDA=OFF on a machine without a GPU)") from error
     env = gym.make(name)
     if seed is not None:
         env.reset(seed=seed)
