@@ -110,17 +110,22 @@ def dataset_name(path: str) -> str:
 
 
 def check_file(path: str, default: bool = False) -> None:
-    """Raises FileNotFoundError naming the file and where the standard ones come from; for
-    the `default` file (no --data-path given), also how to name another."""
+    """Raises FileNotFoundError naming the file (normalized); for one of the standard files
+    (``SOURCES``), also where it comes from and where the project expects it, and for the
+    `default` file (no --data-path given), how to name another. Any other file is only said
+    to be missing."""
     if os.path.isfile(path):
         return
+    shown = os.path.normpath(path)
     name = dataset_name(path)
-    where = SOURCES.get(name, "the benchmark's data release")
+    if name not in SOURCES:
+        raise FileNotFoundError(f"forecasting data file not found: {shown}")
     raise FileNotFoundError(
-        f"forecasting data file not found: {path!r}{' (the default file)' if default else ''}. "
-        f"{name} comes from {where}; the project expects the standard files (gzip-compressed) "
-        f"under ../shared/data/forecasting/ relative to its root (../shared/data/README.md "
-        f"says where each comes from)" + (", or pass --data-path FILE." if default else "."))
+        f"forecasting data file not found: {shown}{' (the default file)' if default else ''}. "
+        f"{name} comes from {SOURCES[name]}; the project expects the standard files "
+        f"(gzip-compressed) under ../shared/data/forecasting/ relative to its root "
+        f"(../shared/data/README.md says where each comes from)"
+        + (", or pass --data-path FILE." if default else "."))
 
 
 def read_table(path: str) -> Tuple[np.ndarray, List[str]]:
@@ -383,10 +388,15 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         args.epochs, args.d_model, args.n_heads, args.d_ff, args.lr = 1, 32, 4, 64, 1e-3
     torch.set_num_threads(args.threads)
 
-    if args.data_path is None:
-        args.data_path = DEFAULT_FILE
-        check_file(args.data_path, default=True)
-    data = load_splits(args.data_path, args.horizon)
+    # a missing or unreadable series ends the script with its message (exit 2), not a
+    # traceback; the functions themselves raise
+    try:
+        if args.data_path is None:
+            args.data_path = DEFAULT_FILE
+            check_file(args.data_path, default=True)
+        data = load_splits(args.data_path, args.horizon)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     sizes = {k: len(v) for k, v in data["splits"].items()}
     print(f"{data['name']}: {data['rows']} rows x {len(data['channels'])} channels (target "
           f"{data['channels'][-1]}); windows of {SEQ_LEN} -> {args.horizon}: train {sizes['train']}, "

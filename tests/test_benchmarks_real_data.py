@@ -19,6 +19,7 @@ on the standard files in ../shared/data with the network blocked:
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -110,18 +111,32 @@ def test_forecast_quick_end_to_end(forecast, tmp_path):
     assert abs(params[0] - params[1]) <= 32 * 2
 
 
-def test_forecast_missing_file_is_named(forecast, tmp_path, monkeypatch):
-    """The message names the file and its source, and the data folder's README; it suggests
-    --data-path only when none was given (the default file is missing)."""
+def test_forecast_missing_file_is_named(forecast, tmp_path, monkeypatch, capsys):
+    """The message names the file (normalized); for a standard file also its source and the
+    data folder's README, suggesting --data-path only when none was given (the default file
+    is missing); for any other file only that it is missing. The script exits with it
+    (status 2, argparse's), the function raises FileNotFoundError."""
     missing = tmp_path / "ETTm2.csv.gz"
     with pytest.raises(FileNotFoundError, match=r"ETTm2\.csv\.gz.*ETDataset") as given:
-        forecast.main(["--data-path", str(missing), "--quick"])
+        forecast.check_file(str(missing))
     assert "README.md" in str(given.value) and "--data-path" not in str(given.value)
+    with pytest.raises(SystemExit) as exit_info:
+        forecast.main(["--data-path", str(missing), "--quick"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"ETTm2\.csv\.gz.*ETDataset", err) and "Traceback" not in err
     monkeypatch.setattr(forecast, "DEFAULT_FILE", str(tmp_path / "ETTh1.csv.gz"))
-    with pytest.raises(FileNotFoundError, match=r"ETTh1\.csv\.gz' \(the default file\).*ETDataset"
-                       ) as default:
+    with pytest.raises(SystemExit):
         forecast.main(["--quick"])
-    assert "README.md" in str(default.value) and "or pass --data-path FILE" in str(default.value)
+    err = capsys.readouterr().err
+    assert re.search(r"ETTh1\.csv\.gz \(the default file\).*ETDataset", err)
+    assert "README.md" in err and "or pass --data-path FILE" in err
+    # a file of the user's own: only that it is missing, its path normalized
+    with pytest.raises(SystemExit):
+        forecast.main(["--data-path", str(tmp_path / "sub" / ".." / "mine.csv"), "--quick"])
+    err = capsys.readouterr().err
+    assert f"forecasting data file not found: {tmp_path / 'mine.csv'}\n" in err
+    assert "shared" not in err and "data release" not in err
 
 
 def test_forecast_summary_std_only_with_two_seeds(forecast):
