@@ -2,8 +2,9 @@
 
 - D4RL's normalized score formula, and its refusal of unusable references;
 - the dataset format: save/load round trip, episode splitting (timesteps, returns-to-go),
-  and clear errors for a missing file, missing keys, mismatched rows, non-finite values, a
-  last row that ends no episode, an unknown environment or model;
+  and clear errors (the scripts: exit status 2 with the message) for a missing file, a file
+  of another kind, missing keys, mismatched rows, non-finite values, a last row that ends
+  no episode, an unknown environment or model;
 - training batches: DT's left-padded K windows, Aaren's whole trajectories from their start;
 - the Aaren rollout (``aaren.hf.DecisionTransformerStream``, constant memory) chooses the
   actions that the converted model's full forward predicts over the same trajectory; the
@@ -94,23 +95,48 @@ def test_malformed_dataset_is_refused(data_mod, change, message):
         data_mod.check_dataset(data, "toy.npz")
 
 
-def test_bad_inputs_get_clear_errors(data_mod, dt, tmp_path):
-    with pytest.raises(FileNotFoundError, match="make_datasets.py"):
+def test_bad_inputs_get_clear_errors(data_mod, dt, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match=r"make_datasets.py.*DIR/<env>/<dataset>\.npz"):
         data_mod.load_dataset(str(tmp_path / "nope.npz"))
+    # a file of another kind: named, with the expected format (not numpy's pickle message)
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a dataset\n")
+    with pytest.raises(ValueError, match=r"README\.md is not a \.npz archive: expected a "
+                                         r"dataset \.npz of make_datasets\.py") as error:
+        data_mod.load_dataset(str(readme))
+    assert "pickle" not in str(error.value)
     with pytest.raises(ValueError, match="unknown environment 'Hopper-v4'.*Hopper-v5"):
         data_mod.make_env("Hopper-v4")
     with pytest.raises(ValueError, match="unknown model"):
         dt.build_model("lstm", 3, 2)
-    with pytest.raises(FileNotFoundError, match="no dataset file"):
-        dt.main(["--data", str(tmp_path / "missing.npz"), "--model", "aaren",
-                 "--out", str(tmp_path / "runs"), "--quick"])
+    # the scripts end with the message and exit status 2 (argparse's), not a traceback
+    def script_error(main, argv):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+    err = script_error(dt.main, ["--data", str(tmp_path / "x" / ".." / "missing.npz"),
+                                 "--model", "aaren", "--out", str(tmp_path / "runs"), "--quick"])
+    assert f"no dataset file {tmp_path / 'missing.npz'}: " in err and "DIR/<env>/" in err
+    err = script_error(dt.main, ["--data", str(readme), "--model", "aaren",
+                                 "--out", str(tmp_path / "runs"), "--quick"])
+    assert "README.md is not a .npz archive" in err
     make = load_script("examples/rl/make_datasets.py", "rl_make_datasets")
-    with pytest.raises(ValueError, match="unknown environment"):
-        make.main(["--env", "CartPole-v1", "--out", str(tmp_path / "data"), "--quick"])
+    assert "unknown environment" in script_error(
+        make.main, ["--env", "CartPole-v1", "--out", str(tmp_path / "data"), "--quick"])
     data_mod.save_dataset(str(tmp_path / "lonely" / "x.npz"), toy_data(), {"env": "Hopper-v5"})
-    with pytest.raises(FileNotFoundError, match="references.json"):
-        dt.main(["--data", str(tmp_path / "lonely" / "x.npz"), "--model", "aaren",
-                 "--out", str(tmp_path / "runs"), "--quick"])
+    assert "references.json" in script_error(
+        dt.main, ["--data", str(tmp_path / "lonely" / "x.npz"), "--model", "aaren",
+                  "--out", str(tmp_path / "runs"), "--quick"])
+    with pytest.raises(FileNotFoundError, match="references.json"):  # the function raises
+        dt.load_inputs(dt.parser().parse_args(["--data", str(tmp_path / "lonely" / "x.npz"),
+                                               "--model", "aaren", "--out", "runs"]))
+    summarize = load_script("examples/rl/summarize.py", "rl_summarize")
+    assert "no runs folder" in script_error(
+        summarize.main, ["--runs", str(tmp_path / "none"), "--results", str(tmp_path / "r")])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
 
 
 def test_batches(data_mod, dt):

@@ -201,9 +201,11 @@ def run_path(out, env, dataset, kind, seed):
     return os.path.join(out, env, dataset, kind, f"seed{seed}.json")
 
 
-def train(args):
-    """Trains and evaluates one (dataset, model, seed) run; returns its result dict (also
-    written to ``run_path``). A finished run's JSON is read back instead."""
+def load_inputs(args):
+    """The run's inputs: ``(data, meta, env_name, dataset, refs)`` (the dataset, its metadata,
+    the environment, the dataset's name and the reference returns beside it). Raises
+    FileNotFoundError for a missing dataset or references.json, ValueError for a file of
+    another kind or a dataset whose environment is unknown."""
     data = load_dataset(args.data)
     meta = data.get("meta", {})
     env_name = meta.get("env") or args.env
@@ -216,6 +218,14 @@ def train(args):
                                 f"returns beside the datasets")
     with open(refs_path) as f:
         refs = json.load(f)
+    return data, meta, env_name, dataset, refs
+
+
+def train(args, inputs=None):
+    """Trains and evaluates one (dataset, model, seed) run; returns its result dict (also
+    written to ``run_path``). A finished run's JSON is read back instead. ``inputs``: what
+    ``load_inputs(args)`` returns (read here when None)."""
+    data, meta, env_name, dataset, refs = inputs if inputs is not None else load_inputs(args)
     path = run_path(args.out, env_name, dataset, args.model, args.seed)
     if os.path.exists(path):
         with open(path) as f:
@@ -335,11 +345,16 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    result = train(args)
+    try:  # a missing or wrong input file ends the script with its message (exit 2)
+        inputs = load_inputs(args)
+    except (FileNotFoundError, ValueError) as error:
+        p.error(str(error))
+    result = train(args, inputs)
     score = result["normalized_return"]
     print(f"{result['env']} {result['dataset']} {result['model']} seed {result['seed']}: "
           f"normalized return {score if score is None else round(score, 1)}", flush=True)

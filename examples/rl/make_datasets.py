@@ -279,7 +279,10 @@ def main(argv=None):
                    help="episode length limit (default: the environment's, 1000)")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny budgets)")
     args = p.parse_args(argv)
-    check_env_name(args.env)
+    try:
+        check_env_name(args.env)
+    except ValueError as error:
+        p.error(str(error))
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)

@@ -11,6 +11,7 @@ behaviour-policy step, seeds, returns).
 """
 import json
 import os
+import zipfile
 from typing import Dict, List
 
 import numpy as np
@@ -104,12 +105,22 @@ def check_dataset(data: Dict[str, np.ndarray], where: str = "dataset") -> None:
 def load_dataset(path: str) -> Dict[str, np.ndarray]:
     """Reads a dataset .npz written by ``save_dataset`` (checked by ``check_dataset``); its
     metadata, when the .json is there, under key ``"meta"``. Raises FileNotFoundError (saying
-    how to make one) for a missing file and ValueError for a malformed one."""
+    how to make one and where make_datasets.py writes it) for a missing file and ValueError
+    (naming the file and the expected format) for another kind of file or a malformed one."""
+    shown = os.path.normpath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no dataset file {path}: make the datasets with "
-                                f"python examples/rl/make_datasets.py --out DIR")
-    with np.load(path) as f:
-        data = {k: f[k] for k in f.files}
+        raise FileNotFoundError(f"no dataset file {shown}: python examples/rl/make_datasets.py "
+                                f"--out DIR --env ENV writes DIR/<env>/<dataset>.npz (e.g. "
+                                f"DIR/Hopper-v5/medium.npz, DIR/Hopper-v5/medium-replay.npz)")
+    expected = (f"expected a dataset .npz of make_datasets.py (a NumPy .npz archive with "
+                f"{', '.join(DATASET_KEYS)})")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{shown} is not a .npz archive: {expected}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{shown} could not be read ({error}): {expected}") from None
     check_dataset(data, path)
     meta_path = os.path.splitext(path)[0] + ".json"
     if os.path.isfile(meta_path):
