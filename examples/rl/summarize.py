@@ -1,6 +1,7 @@
 """The offline-RL table from the per-run JSON files of decision_transformer.py: ``summary.json``
 (a list of records ``{"env", "dataset", "model", "seeds", "normalized_return" (one per seed),
-"mean", "std"}``; std is the sample standard deviation over seeds, null for one seed) and a plot
+"mean", "std", "quick", ...}``; std is the sample standard deviation over seeds, null for one
+seed; quick is true for --quick runs, kept only with --include-quick) and a plot
 of the learning curves (normalized return against gradient steps, mean and min-max band over
 seeds, one panel per env and dataset).
 
