@@ -498,7 +498,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             parser.error(f"--sizes must be positive, got {args.sizes}")
         meta = generate(args.generate, args.out_dir, args.seed, args.sizes)
         t = meta["true_test"]
-        print(f"{args.generate}: wrote {args.out_dir}/{{train,valid,test}}.json ("
+        print(f"{args.generate}: wrote {args.out_dir}/{{train,valid,test,process}}.json ("
               + ", ".join(f"{k} {v['sequences']} sequences / {v['events']} events"
                           for k, v in meta["splits"].items())
               + f"); true model on test: NLL {t['nll_per_event']:.4f} per event, RMSE "
