@@ -66,21 +66,27 @@ DATASETS = ("Handwriting", "JapaneseVowels")
 SIZES = {"Handwriting": (150, 850), "JapaneseVowels": (270, 370)}
 
 
-def load_uea(name: str, data_dir: str) -> dict:
-    """The dataset as load_classification's dict (lists of float32 [T_i, C], int labels)."""
+def load_uea(name: str, data_dir: str, data_dir_given: bool = True) -> dict:
+    """The dataset as load_classification's dict (lists of float32 [T_i, C], int labels).
+
+    Raises FileNotFoundError naming a missing file (normalized path), its source and, when
+    ``data_dir_given`` is False (the default folder was used), the --data-dir option;
+    ValueError for a file with other than the standard split sizes."""
     if name == "JapaneseVowels":
         data = load_classification(name)  # the .ts files inside the installed sktime
     else:
         from sktime.datasets import load_from_tsfile
         nested = {}
         for split in ("train", "test"):
-            path = os.path.join(data_dir, "classification", name, f"{name}_{split.upper()}.ts.gz")
+            path = os.path.normpath(
+                os.path.join(data_dir, "classification", name, f"{name}_{split.upper()}.ts.gz"))
             if not os.path.isfile(path):
                 raise FileNotFoundError(
-                    f"UEA data file not found: {path!r}. {name} comes from the UEA multivariate "
+                    f"UEA data file not found: {path}. {name} comes from the UEA multivariate "
                     f"archive (timeseriesclassification.com, Multivariate_ts/{name}); the project "
                     f"expects it gzip-compressed under ../shared/data/classification/{name}/ "
-                    f"relative to its root (see that folder's README.md), or pass --data-dir.")
+                    f"relative to its root (see that folder's README.md)"
+                    + ("." if data_dir_given else ", or pass --data-dir."))
             # load_from_tsfile reads a path, not a stream: decompress into a temporary file.
             with tempfile.TemporaryDirectory() as tmp:
                 plain = os.path.join(tmp, f"{name}_{split.upper()}.ts")
@@ -192,7 +198,7 @@ def summary(records: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=DATA_DIR,
+    parser.add_argument("--data-dir", default=None,
                         help="folder holding classification/Handwriting/ (default ../shared/data)")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     add_training_arguments(parser, d_model=128, n_heads=8, e_layers=3, d_ff=256, dropout=0.1,
@@ -209,7 +215,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
 
     records = []
     for name in args.datasets:
-        data = load_uea(name, args.data_dir)
+        # a missing or malformed file ends the script with its message (exit 2), not a
+        # traceback; load_uea itself raises
+        try:
+            data = load_uea(name, args.data_dir or DATA_DIR, data_dir_given=args.data_dir is not None)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(str(error))
         lengths = [len(s) for s in data["X_train"] + data["X_test"]]
         print(f"{name}: {len(data['X_train'])} train / {len(data['X_test'])} test cases, "
               f"{data['X_train'][0].shape[1]} channels, length {min(lengths)}..{max(lengths)}, "

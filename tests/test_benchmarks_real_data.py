@@ -176,9 +176,23 @@ def test_classification_quick_end_to_end(uea, tmp_path):
         assert 0.0 <= r["test_accuracy"] <= 1.0 and math.isfinite(r["test_loss"])
 
 
-def test_classification_missing_file_is_named(uea, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"Handwriting_TRAIN\.ts\.gz.*UEA"):
+def test_classification_missing_file_is_named(uea, tmp_path, monkeypatch, capsys):
+    """A missing Handwriting file: the script exits with status 2 and a message naming the
+    file (normalized) and its source, suggesting --data-dir only when none was given; no
+    traceback. The function raises FileNotFoundError."""
+    with pytest.raises(FileNotFoundError, match=r"Handwriting_TRAIN\.ts\.gz.*UEA multivariate"):
         uea.load_uea("Handwriting", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        uea.main(["--data-dir", str(tmp_path / "sub" / ".."), "--datasets", "Handwriting", "--quick"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    expected = tmp_path / "classification" / "Handwriting" / "Handwriting_TRAIN.ts.gz"
+    assert f"UEA data file not found: {expected}." in err
+    assert "--data-dir." not in err and "Traceback" not in err
+    monkeypatch.setattr(uea, "DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit):
+        uea.main(["--datasets", "Handwriting", "--quick"])
+    assert "or pass --data-dir." in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the ablation
@@ -332,3 +346,4 @@ def test_sktime_script_takes_the_ablation(timeseries):
     assert [r["model"] for r in result["classification"]] == ["transformer", "no-attention"]
     table = timeseries.classification_table(result["classification"])
     assert "no attention test accuracy" in table.splitlines()[0]
+
