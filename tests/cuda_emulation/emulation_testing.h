@@ -35,6 +35,16 @@ struct DeviceScope {
   }
 };
 
+// The two GPUs the accuracy tests judge the float32 backward on: one large enough that the
+// long sequences are chunked (two levels of chunk summaries at N = 8192), one so small that
+// each sequence runs in one pass.
+struct GpuPlan {
+  const char* name;
+  int multiprocessors;
+  int threads_per_multiprocessor;
+};
+inline constexpr GpuPlan kAccuracyPlans[] = {{"chunked", 108, 2048}, {"one_pass", 1, 128}};
+
 // Why `got` differs from `ref` beyond atol + rtol |ref| (empty when it does not): NaN and
 // infinities must be where the reference has them, and exact zeros (masked outputs, zero
 // gradients) must stay exact unless keep_zeros is false (a zero of the reference that may come

@@ -51,6 +51,8 @@ using aaren::ops::ForwardArgs;
 namespace cpu = aaren::ops::cpu::DEFAULT;
 namespace gpu = aaren::ops::cuda;
 
+using emulation_testing::GpuPlan;
+using emulation_testing::kAccuracyPlans;
 using emulation_testing::DeviceScope;
 using emulation_testing::kInf;
 using emulation_testing::mismatch;
@@ -183,6 +185,17 @@ BackwardArgs backward_args(const Problem& p, const ForwardArgs& forward, double 
   a.grad_state_lse = at::full({B, H}, fill, options.dtype(at::kDouble));
   a.grad_state_out = at::full({B, H, D}, fill, options.dtype(at::kDouble));
   return a;
+}
+
+// Problem p's gradients from a forward and then a backward of the same kernels (cpu:: or
+// gpu::), each output buffer starting at zero; the forward's outputs are kept in the result.
+template <typename Forward, typename Backward>
+BackwardArgs gradients(const Problem& p, Forward forward, Backward backward) {
+  ForwardArgs f = forward_args(p, 0);
+  forward(f);
+  BackwardArgs b = backward_args(p, f, 0);
+  backward(b);
+  return b;
 }
 
 // The largest finite magnitude, at least 1: gradients grow with the number of tokens, so
@@ -399,26 +412,12 @@ TEST(EmulatedScanAccuracy, Float32BackwardVsFloat64) {
     p32.grad_out = p64.grad_out->to(at::kFloat);
     p32.grad_lse = p64.grad_lse;
 
-    ForwardArgs f_ref = forward_args(p64, 0);
-    cpu::scan_forward(f_ref);
-    BackwardArgs b_ref = backward_args(p64, f_ref, 0);
-    cpu::scan_backward(b_ref);
-    ForwardArgs f_cpu = forward_args(p32, 0);
-    cpu::scan_forward(f_cpu);
-    BackwardArgs b_cpu = backward_args(p32, f_cpu, 0);
-    cpu::scan_backward(b_cpu);
+    const BackwardArgs b_ref = gradients(p64, cpu::scan_forward, cpu::scan_backward);
+    const BackwardArgs b_cpu = gradients(p32, cpu::scan_forward, cpu::scan_backward);
 
-    struct Plan {
-      const char* name;
-      int multiprocessors;
-      int threads_per_multiprocessor;
-    };
-    for (const Plan& plan : {Plan{"chunked", 108, 2048}, Plan{"one_pass", 1, 128}}) {
+    for (const GpuPlan& plan : kAccuracyPlans) {
       const DeviceScope device(plan.multiprocessors, plan.threads_per_multiprocessor, false);
-      ForwardArgs f_gpu = forward_args(p32, 0);
-      gpu::scan_forward(f_gpu);
-      BackwardArgs b_gpu = backward_args(p32, f_gpu, 0);
-      gpu::scan_backward(b_gpu);
+      const BackwardArgs b_gpu = gradients(p32, gpu::scan_forward, gpu::scan_backward);
       for (const auto& [what, got, cpu_got, ref] :
            {std::tuple{"grad_values", b_gpu.grad_values, b_cpu.grad_values, b_ref.grad_values},
             std::tuple{"grad_scores", b_gpu.grad_scores, b_cpu.grad_scores, b_ref.grad_scores}}) {
@@ -499,26 +498,12 @@ TEST(EmulatedScanAccuracy, Float32BackwardWithinCpuErrorWhereOneTokenDominates) 
     p32.values = p64.values.to(at::kFloat);
     p32.grad_out = p64.grad_out->to(at::kFloat);
 
-    ForwardArgs f_ref = forward_args(p64, 0);
-    cpu::scan_forward(f_ref);
-    BackwardArgs b_ref = backward_args(p64, f_ref, 0);
-    cpu::scan_backward(b_ref);
-    ForwardArgs f_cpu = forward_args(p32, 0);
-    cpu::scan_forward(f_cpu);
-    BackwardArgs b_cpu = backward_args(p32, f_cpu, 0);
-    cpu::scan_backward(b_cpu);
+    const BackwardArgs b_ref = gradients(p64, cpu::scan_forward, cpu::scan_backward);
+    const BackwardArgs b_cpu = gradients(p32, cpu::scan_forward, cpu::scan_backward);
 
-    struct Plan {
-      const char* name;
-      int multiprocessors;
-      int threads_per_multiprocessor;
-    };
-    for (const Plan& plan : {Plan{"chunked", 108, 2048}, Plan{"one_pass", 1, 128}}) {
+    for (const GpuPlan& plan : kAccuracyPlans) {
       const DeviceScope device(plan.multiprocessors, plan.threads_per_multiprocessor, false);
-      ForwardArgs f_gpu = forward_args(p32, 0);
-      gpu::scan_forward(f_gpu);
-      BackwardArgs b_gpu = backward_args(p32, f_gpu, 0);
-      gpu::scan_backward(b_gpu);
+      const BackwardArgs b_gpu = gradients(p32, gpu::scan_forward, gpu::scan_backward);
       std::vector<std::tuple<const char*, at::Tensor, at::Tensor, at::Tensor>> gradients = {
           {"grad_scores", b_gpu.grad_scores, b_cpu.grad_scores, b_ref.grad_scores},
           {"grad_values", b_gpu.grad_values, b_cpu.grad_values, b_ref.grad_values}};

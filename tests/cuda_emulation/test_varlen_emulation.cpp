@@ -39,6 +39,8 @@ using aaren::ops::VarlenForwardArgs;
 namespace cpu = aaren::ops::cpu::DEFAULT;
 namespace gpu = aaren::ops::cuda;
 
+using emulation_testing::GpuPlan;
+using emulation_testing::kAccuracyPlans;
 using emulation_testing::DeviceScope;
 using emulation_testing::kInf;
 using emulation_testing::mismatch;
@@ -376,12 +378,7 @@ TEST(EmulatedVarlenAccuracy, Float32BackwardWithinCpuErrorWhereOneTokenDominates
     const Outputs exact = reference(p64);
     const Outputs cpu_got = reference(p32);
 
-    struct Plan {
-      const char* name;
-      int multiprocessors;
-      int threads_per_multiprocessor;
-    };
-    for (const Plan& plan : {Plan{"chunked", 108, 2048}, Plan{"one_pass", 1, 128}}) {
+    for (const GpuPlan& plan : kAccuracyPlans) {
       const DeviceScope device(plan.multiprocessors, plan.threads_per_multiprocessor, false);
       Outputs got = allocate(p32, N, 0);
       const int64_t longest = *std::max_element(kind.lengths.begin(), kind.lengths.end());
