@@ -13,6 +13,9 @@ of the ratios within a round, so that both sides of it share the machine's load)
     cost of allocating and first touching its output: on Linux a tensor of 32 MiB or
     more is a fresh mmap on every allocation, and its page faults can cost more than
     the scan itself;
+  - the backward after a state (a chunk of a longer sequence, a context-parallel rank) against
+    the same backward without one: a state costs its lse gradient, taken in float64 from the
+    inputs (docs/design.md, "Backward");
   - the same kernels with the sequence left whole (AAREN_CPU_SEQUENCE_CHUNKS=1), against the
     kernels' own choice: what splitting long sequences into chunks buys (docs/design.md,
     "Performance on the CPU"; rows with at least as many sequences (batch x heads) as
@@ -128,12 +131,19 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
     grads = [torch.empty_like(scores), torch.empty_like(values),
              torch.empty(B, H, dtype=torch.float64), torch.empty(B, H, D, dtype=torch.float64)]
     copy_target = torch.empty_like(values)
+    # The same problem after a state: its forward's outputs, for its backward.
+    state = (torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, D, dtype=torch.float64))
+    out_after_state, lse_after_state, _ = torch.ops.aaren.scan_forward(scores, values, *state)
 
     def forward():
         torch.ops.aaren.scan_forward_into(scores, values, None, None, out, lse, final_out)
 
     def backward():
         torch.ops.aaren.scan_backward_into(grad_out, None, scores, values, out, lse, None, None, *grads)
+
+    def backward_after_state():
+        torch.ops.aaren.scan_backward_into(grad_out, None, scores, values, out_after_state,
+                                           lse_after_state, *state, *grads)
 
     def whole(fn):  # the same kernel with each sequence left whole
         def run():
@@ -142,7 +152,8 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
         return run
 
     rounds = interleaved_times({"copy": lambda: copy_target.copy_(values), "forward": forward,
-                                "backward": backward, "forward_whole": whole(forward),
+                                "backward": backward, "backward_state": backward_after_state,
+                                "forward_whole": whole(forward),
                                 "backward_whole": whole(backward)}, repeats)
     t = {name: statistics.median(times) for name, times in rounds.items()}
     t_copy, t_forward, t_backward = t["copy"], t["forward"], t["backward"]
@@ -192,6 +203,7 @@ def measure(B, N, H, D, dtype, repeats, baseline_repeats):
         "copy_GBs": copy_bytes / t_copy / 1e9,
         "fwd_vs_copy": paired_ratio(rounds, ["forward"], ["copy"]),
         "fwdbwd_vs_copy": paired_ratio(rounds, ["forward", "backward"], ["copy"]),
+        "x_state_bwd": paired_ratio(rounds, ["backward_state"], ["backward"]),
         "x_whole_fwd": paired_ratio(rounds, ["forward_whole"], ["forward"]),
         "x_whole_fb": paired_ratio(rounds, ["forward_whole", "backward_whole"], ["forward", "backward"]),
         "scan_alloc_ms": 1e3 * t_scan_allocating, "alloc_ms": 1e3 * t_allocate,
@@ -210,6 +222,7 @@ COLUMNS = [
     ("copy_ms", "copy ms", "{:.2f}"), ("fwd_ms", "fwd ms", "{:.2f}"), ("bwd_ms", "bwd ms", "{:.2f}"),
     ("copy_GBs", "copy GB/s", "{:.1f}"), ("fwd_GBs", "fwd GB/s", "{:.1f}"), ("bwd_GBs", "bwd GB/s", "{:.1f}"),
     ("fwd_vs_copy", "fwd / copy", "{:.2f}x"), ("fwdbwd_vs_copy", "fwd+bwd / copy", "{:.2f}x"),
+    ("x_state_bwd", "bwd after a state / bwd", "{:.2f}x"),
     ("x_whole_fwd", "vs unsplit fwd", "{:.2f}x"), ("x_whole_fb", "vs unsplit fwd+bwd", "{:.2f}x"),
     ("scan_alloc_ms", "scan() ms (allocating)", "{:.2f}"), ("alloc_ms", "alloc+touch out ms", "{:.2f}"),
     ("fb_autograd_ms", "fwd+bwd autograd ms", "{:.2f}"),

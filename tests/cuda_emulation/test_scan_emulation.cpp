@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -444,16 +445,19 @@ TEST(EmulatedScanAccuracy, Float32BackwardVsFloat64) {
 // that chunks the sequences (two levels of chunk summaries at N = 8192) and on one that runs
 // each in one pass. Every gradient (d/d scores, values and the state's lse and out), against
 // the CPU kernel in float64, is held to the CPU kernel's error, each from float32 forward
-// outputs of its own (the state's lse gradient takes them as they are: while the forwards
-// summed in float32 their outputs' errors differed, and its four values per problem ranged
-// from 0.2x to 5.8x the CPU kernel's error): normwise, ||error||_2 / ||reference||_2 within
+// outputs of its own: normwise, ||error||_2 / ||reference||_2 within
 // kL2 times the CPU's, and max |error| / max |reference| within kMax times (the largest of
 // thousands of errors moves by more between two equally good orders of summation: the CPU
 // kernel split into chunks ranged from 0.1x to 1.2x its unsplit self here). Formed as
 // v . R - rho, the CUDA backward's d/d scores had 1.4x to 10x the CPU kernel's max error here.
+// The state's lse gradient is float64 arithmetic on both (combine.h, "The state's lse
+// gradient"): where the CPU kernel's error is below kFloat64Level (the falling scores: exact to
+// 1e-52 there, its sums and the reference's being the same float64 operations), the CUDA
+// backward's (a float64 forward and ATen's sums: 1e-15) is held to kFloat64Level instead.
 TEST(EmulatedScanAccuracy, Float32BackwardWithinCpuErrorWhereOneTokenDominates) {
   constexpr double kL2 = 1.25;
   constexpr double kMax = 2.0;
+  constexpr double kFloat64Level = 1e-12;
   const UnsplitCpuScope unsplit_cpu;
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   // Float64 copies of float32 numbers: every run differentiates the same loss.
@@ -530,8 +534,8 @@ TEST(EmulatedScanAccuracy, Float32BackwardWithinCpuErrorWhereOneTokenDominates) 
         const std::string where = std::string(what) + " " + kind.name + " " + plan.name;
         RecordProperty(kind.name + "_" + plan.name + "_" + what,
                        std::to_string(l2_error / cpu_l2_error));
-        EXPECT_LE(l2_error, kL2 * cpu_l2_error) << where;
-        EXPECT_LE(max_error, kMax * cpu_max_error) << where;
+        EXPECT_LE(l2_error, std::max(kL2 * cpu_l2_error, kFloat64Level)) << where;
+        EXPECT_LE(max_error, std::max(kMax * cpu_max_error, kFloat64Level)) << where;
       }
     }
   }

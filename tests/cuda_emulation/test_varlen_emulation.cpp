@@ -30,6 +30,11 @@
 #include "ops/cuda/scan_varlen_kernels.h"
 #include "ops/scan_varlen.h"
 
+// The backward's entry point (scan_cuda.cpp): the kernels, then the state's lse gradient.
+namespace aaren::ops::cuda {
+void scan_varlen_backward(const VarlenBackwardArgs& args);
+}  // namespace aaren::ops::cuda
+
 namespace {
 
 using aaren::ops::BackwardArgs;
@@ -240,7 +245,7 @@ TEST_P(EmulatedVarlenMatchesCpu, ForwardAndBackward) {
   b.grad_values = got.grad_values;
   b.grad_state_lse = got.grad_state_lse;
   b.grad_state_out = got.grad_state_out;
-  gpu::dispatch_varlen_backward(b);
+  gpu::scan_varlen_backward(b);
   const double gtol = c.dtype == at::kDouble ? 1e-8
                     : c.dtype == at::kFloat  ? 1e-3
                     : c.dtype == at::kHalf   ? 1e-2
@@ -400,7 +405,7 @@ TEST(EmulatedVarlenAccuracy, Float32BackwardWithinCpuErrorWhereOneTokenDominates
       b.grad_values = got.grad_values;
       b.grad_state_lse = got.grad_state_lse;
       b.grad_state_out = got.grad_state_out;
-      gpu::dispatch_varlen_backward(b);
+      gpu::scan_varlen_backward(b);
       std::vector<std::tuple<const char*, at::Tensor, at::Tensor, at::Tensor>> gradients = {
           {"grad_scores", got.grad_scores, cpu_got.grad_scores, exact.grad_scores},
           {"grad_values", got.grad_values, cpu_got.grad_values, exact.grad_values}};

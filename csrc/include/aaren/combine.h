@@ -104,7 +104,9 @@ AAREN_HOST_DEVICE MaxSum<T> max_sum_of(double lse) {
 // grow as sqrt(N) where a token dominates the outputs after it (o_j ~ v_i). Both backwards
 // keep instead Q_i = o_i . R_i - rho_i, whose steps are small where the outputs move little:
 //   Q_i = a_i Q_{i+1} + q_term,  q_term = a_i (o_i - o_{i+1}) . R_{i+1} + G_i,
-//   ds_i = e^(s_i - L_i) ((v_i - o_i) . R_i + Q_i),   dL_0 = f (Q_1 + (o_0 - o_1) . R_1).
+//   ds_i = e^(s_i - L_i) ((v_i - o_i) . R_i + Q_i)
+// (and dL_0 = f (Q_1 + (o_0 - o_1) . R_1), which neither backward takes so: below, "The
+// state's lse gradient").
 // The CUDA backward runs these with its gates, taken in float64 (scan_backward.cu); the CPU
 // backward holds R and Q against a reference r instead (S = e^(r - L_i) R_i, Q against it
 // alike: the gate is 1 and G_i is weighted by e^(r - L_i); scan_kernel.cpp, "Backward"). Q is
@@ -125,26 +127,28 @@ AAREN_HOST_DEVICE acc_t score_gradient(acc_t e, double value_dot, double q) {
   return e * static_cast<acc_t>(value_dot + q);
 }
 
-// The state as a token before the first: dL_0 = f (Q_1 + (o_0 - o_1) . R_1), shift_dot the
-// last product, summed over the features of shift_product's terms.
-template <typename acc_t>
-AAREN_HOST_DEVICE double state_lse_gradient(acc_t f, double q, double shift_dot) {
-  return static_cast<double>(f) * (q + shift_dot);
-}
+// ---- The state's lse gradient -----------------------------------------------------
+// dL_0 = sum_j f_j (G_j + g_j . (o_0 - o_j)), f_j = e^(L_0 - L_j), formed from the outputs
+// (the Q form above), takes the rounding of every o_j (to the values' dtype) through
+// o_0 - o_j, which is small where the gradient is small by cancellation: on one float32
+// token 17x the tests' rule (tests/test_fuzz_ops.py). Unrolled, o_0 - o_j = sum_{i<=j}
+// e^(s_i - L_j) (o_0 - v_i), so
+//   dL_0 = sum_j f_j G_j + sum_i e^(L_0 + s_i) (o_0 - v_i) . sum_{j>=i} e^(-2 L_j) g_j,
+// which reads the inputs v_i and not the outputs: the CPU backward keeps, against its
+// reference r, S2 = sum_{j>=i} e^(2 (r - L_j)) g_j (S's recurrence with the weights squared)
+// and Z = sum_{i} (e^(r - L_i) G_i + e^(s_i - r) (o_0 - v_i) . S2_i), so dL_0 = e^(L_0 - r) Z.
+// Lowering r by a factor c multiplies S2 by c^2 and Z by c. All of it in float64, the
+// weights too, whatever the values' dtype: in float32 (o_0 - v_i formed from o_0 split into
+// hi + lo) the rule still failed on 36 of 2,000 random problems of 1-3 tokens, by up to 9.6x
+// (an accumulation of float32 roundings of the terms), as another plain-PyTorch float32
+// formulation fails it (91 of them, up to 6.9x); in float64, none. It costs the backward
+// with a state (only) a float64 row per sequence (docs/performance.md). The CUDA backward
+// takes the first form instead, with the o_j of a float64 forward (ops/cuda/scan_cuda.cpp),
+// exact to float64 as these sums are.
 
-// The state's out o_0 rounded to the values' dtype T as the outputs o_j are, so that
-// o_0 - o_1 is exactly 0 where every token so far is masked (the outputs are then the
-// state's out, rounded).
-template <typename T, typename acc_t>
-AAREN_HOST_DEVICE acc_t rounded_state_out(double out) {
-  return static_cast<acc_t>(static_cast<T>(out));
-}
-
-// One feature's term of (o_0 - o_1) . R_1, in float64, o_1 and R_1 as the walk holds them.
-template <typename T, typename acc_t>
-AAREN_HOST_DEVICE double shift_product(double state_out, acc_t out, acc_t r) {
-  return static_cast<double>(rounded_state_out<T, acc_t>(state_out) - out) *
-         static_cast<double>(r);
+// Z's term of one token: e (o_0 - v_i) . S2_i + w G_i, e = e^(s_i - r), w = e^(r - L_i).
+AAREN_HOST_DEVICE double state_term(double e, double state_dot, double w, double grad_lse) {
+  return e * state_dot + w * grad_lse;
 }
 
 // ---- The forward's running sums ---------------------------------------------------

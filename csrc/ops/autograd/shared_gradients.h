@@ -42,7 +42,9 @@ TokenGradients token_gradients(const at::Tensor& scores, const at::Tensor& value
 
 // The state's gradients, in the state's dtypes, from f = e^(L_0 + Lr_1) and R_1, rho_1 at the
 // first token: dL_0 = f (o_0 . R_1 - rho_1), do_0 = f R_1, with o_0 rounded to the values'
-// dtype as the outputs in rho are (aaren/combine.h, rounded_state_out).
+// dtype as the outputs in rho are. (The differentiable form, for gradients of gradients; the
+// first-order kernels take dL_0 from the inputs instead: aaren/combine.h, "The state's lse
+// gradient".)
 std::pair<at::Tensor, at::Tensor> state_gradients(const at::Tensor& state_lse,
                                                   const at::Tensor& state_out,
                                                   at::ScalarType values_dtype, const at::Tensor& f,

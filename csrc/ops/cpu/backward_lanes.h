@@ -47,6 +47,8 @@ void prefetch_row(const T* row, int64_t elements) {
 // A task's lanes in the backward: where each starts (its first token), how many tokens it
 // has, and its sums against the reference r: S (a row) and Q = o . S - P (scan_kernel.cpp,
 // "Backward"), with the out o that Q is taken against (the last token's the walk reached).
+// With an initial state, also the state's sums, in float64 (with_state): S2 = sum
+// e^(2 (r - L_j)) g_j (a row) and Z (combine.h, "The state's lse gradient").
 template <typename scalar_t>
 struct BackwardScratch {
   using acc_t = typename VecIO<scalar_t>::acc_t;
@@ -60,10 +62,15 @@ struct BackwardScratch {
   std::vector<acc_t> sum_g;
   std::vector<const scalar_t*> out_of_q;  // the out row Q is taken against
   std::vector<double> rounded_carry;       // a carried S as the walk holds it (scan_kernel.cpp)
+  std::vector<double> sum_g2;              // S2, per lane a row (with a state only)
+  std::vector<double> sum_state;           // Z, per lane
+  std::vector<const double*> state_out;    // o_0, per lane
   // A block of kBlock tokens per lane, going back (prepare_block): the factor the sums are
   // multiplied by before each token's term (1 but where r is lowered), and its w and e. Two
   // slots, [2, lanes, kBlock]: the walk reads one while the next block is prepared in the other.
   std::vector<acc_t> block_factor, block_weight, block_score_weight;
+  // With a state, the same three in float64 for the state's sums (with_state).
+  std::vector<double> block_factor64, block_weight64, block_score_weight64;
   int64_t lanes;
   int64_t row_width;
 
@@ -73,6 +80,16 @@ struct BackwardScratch {
         sum_g(lanes_ * row_width_), out_of_q(lanes_), rounded_carry(row_width_),
         block_factor(2 * lanes_ * kBlock), block_weight(2 * lanes_ * kBlock),
         block_score_weight(2 * lanes_ * kBlock), lanes(lanes_), row_width(row_width_) {}
+
+  // Makes room for the state's sums.
+  void with_state() {
+    sum_g2.assign(lanes * row_width, 0.0);
+    sum_state.assign(lanes, 0.0);
+    state_out.assign(lanes, nullptr);
+    block_factor64.assign(2 * lanes * kBlock, 1.0);
+    block_weight64.assign(2 * lanes * kBlock, 0.0);
+    block_score_weight64.assign(2 * lanes * kBlock, 0.0);
+  }
 
   // Where lane j's block is in the block arrays, in slot 0 or 1.
   int64_t block_offset(int64_t slot, int64_t j) const {
@@ -94,12 +111,47 @@ void exp_of_split_differences(const acc_t* hi, const acc_t* lo, acc_t* result) {
   (e * (AccVec(acc_t(1)) + AccVec::loadu(lo))).store(result);
 }
 
+// The float64 factor, w = e^(r - L) and e = e^(s - r) of a block for the state's sums, from
+// the block's lse, scores and reference at each token (r before the block: first_reference);
+// tokens past `own` and masked ones (L = -inf) get w = e = 0 and factor 1.
+template <bool kOutputs, int64_t block>
+void prepare_state_block(const double* lse, const double* score, const double* reference,
+                         int64_t own, double first_reference, double* factor, double* weight,
+                         double* score_weight) {
+  using DoubleVec = Vectorized<double>;
+  static_assert(block % DoubleVec::size() == 0);
+  alignas(64) double weight_arg[block], score_arg[block], factor_arg[block];
+  double previous = first_reference;
+  for (int64_t k = 0; k < block; ++k) {
+    const bool live = k < own && lse[k] != negative_infinity<double>();
+    weight_arg[k] = live ? reference[k] - lse[k] : 0.0;
+    score_arg[k] = live ? score[k] - reference[k] : 0.0;
+    factor_arg[k] = live && reference[k] != previous ? reference[k] - previous : 0.0;
+    previous = reference[k];
+  }
+  for (int64_t k = 0; k < block; k += DoubleVec::size()) {
+    DoubleVec::loadu(weight_arg + k).exp().store(weight + k);
+    DoubleVec::loadu(factor_arg + k).exp().store(factor + k);
+    if constexpr (kOutputs) {
+      DoubleVec::loadu(score_arg + k).exp().store(score_weight + k);
+    }
+  }
+  for (int64_t k = 0; k < block; ++k) {
+    const bool live = k < own && lse[k] != negative_infinity<double>();
+    if (!live) {
+      weight[k] = 0.0;
+      score_weight[k] = 0.0;
+      factor[k] = 1.0;
+    }
+  }
+}
+
 // Lane j's factor, w and e for the tokens back0 .. back0 + tokens - 1 counted from its last
 // token (those it has), into block slot `slot`, lowering its reference r as the walk will
 // reach them (r runs a block ahead of the walk, which needs it no more). kOutputs: e is
 // needed (phase 1 needs only the sums). A masked token (L = -inf: every token up to it is)
 // gets factor 1, and the walk writes its zero gradients without w or e.
-template <typename scalar_t, bool kOutputs>
+template <typename scalar_t, bool kOutputs, bool kState>
 void prepare_block(BackwardScratch<scalar_t>& t, int64_t slot, int64_t j, int64_t back0,
                    int64_t tokens, const BackwardSteps& steps) {
   using acc_t = typename VecIO<scalar_t>::acc_t;
@@ -125,6 +177,9 @@ void prepare_block(BackwardScratch<scalar_t>& t, int64_t slot, int64_t j, int64_
   }
   std::fill(lse_block + own, lse_block + block, reference);  // e^0, unused
   std::fill(score_block + own, score_block + block, reference);
+  alignas(64) double reference_block[block];  // r at each token (kState)
+  std::fill(reference_block, reference_block + block, reference);
+  const double first_reference = reference;
   // Mostly r stays put over a block and no token is masked: then the splits are plain loops
   // the compiler vectorizes (lane by lane, their float64 steps were half of this function).
   bool one_reference = reference != negative_infinity<double>();
@@ -155,6 +210,7 @@ void prepare_block(BackwardScratch<scalar_t>& t, int64_t slot, int64_t j, int64_
         continue;
       }
       factor[k] = lower_reference<acc_t>(reference, lse_n);
+      reference_block[k] = reference;
       const SplitDifference<acc_t> weight = split_difference_wide<acc_t>(reference, lse_n);
       weight_hi[k] = weight.hi;
       weight_lo[k] = weight.lo;
@@ -174,13 +230,19 @@ void prepare_block(BackwardScratch<scalar_t>& t, int64_t slot, int64_t j, int64_
   if constexpr (kOutputs) {
     exp_of_split_differences(score_hi, score_lo, t.block_score_weight.data() + offset);
   }
+  if constexpr (kState) {
+    prepare_state_block<kOutputs, block>(lse_block, score_block, reference_block, own,
+                                         first_reference, t.block_factor64.data() + offset,
+                                         t.block_weight64.data() + offset,
+                                         t.block_score_weight64.data() + offset);
+  }
 }
 
 // The reverse sums over the lanes' tokens, from each lane's last token to its first, from the
 // (r, S, Q) in the scratch. kOutputs: writes ds and dv at every token; otherwise only the
-// final sums matter (phase 1). streaming: dv goes out by streaming stores
-// (use_streaming_stores).
-template <typename scalar_t, bool kOutputs>
+// final sums matter (phase 1). kState: the state's sums too, S2 and (with kOutputs) Z, in
+// float64. streaming: dv goes out by streaming stores (use_streaming_stores).
+template <typename scalar_t, bool kOutputs, bool kState>
 void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_dim,
                     const BackwardSteps& steps, bool streaming) {
   using IO = VecIO<scalar_t>;
@@ -194,7 +256,7 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
   const int64_t longest = *std::max_element(t.length.begin(), t.length.begin() + lanes);
 
   for (int64_t j = 0; j < lanes; ++j) {
-    prepare_block<scalar_t, kOutputs>(t, 0, j, 0, std::min(block, longest), steps);
+    prepare_block<scalar_t, kOutputs, kState>(t, 0, j, 0, std::min(block, longest), steps);
   }
   for (int64_t back0 = 0, slot = 0; back0 < longest; back0 += block, slot ^= 1) {
     const int64_t tokens = std::min(block, longest - back0);
@@ -206,7 +268,7 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
         // when there is a next), spread over the walk: prepared all at once, between
         // blocks, the rows' loads waited (float32 ran 3% slower than with glibc's exp).
         if (next_tokens > 0 && k == j % block) {
-          prepare_block<scalar_t, kOutputs>(t, slot ^ 1, j, back0 + block, next_tokens, steps);
+          prepare_block<scalar_t, kOutputs, kState>(t, slot ^ 1, j, back0 + block, next_tokens, steps);
         }
         if (back >= t.length[j]) {
           continue;
@@ -227,11 +289,25 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
         if (factor != acc_t(1)) {
           std::for_each(s_row, s_row + t.row_width, [factor](acc_t& x) { x *= factor; });
           t.sum_q[j] *= factor;
+          if constexpr (kState) {  // S2 holds e^(2 r), Z e^r (combine.h, "The state's lse gradient")
+            const double factor64 = t.block_factor64[at];
+            const double factor2 = factor64 * factor64;
+            double* s2_row = t.sum_g2.data() + j * t.row_width;
+            std::for_each(s2_row, s2_row + t.row_width, [factor2](double& x) { x *= factor2; });
+            t.sum_state[j] *= factor64;
+          }
         }
         const acc_t w = t.block_weight[at];  // <= e^gap
         const AccVec weight(w);
         AccVec q_step(0);          // (o_n - o_{n+1}) . S_{n+1}
         AccVec v_dot_s(0);         // (v_n - o_n) . S_n
+        // The state's sums, float64: S2 += w^2 g, state_dot = (o_0 - v_n) . S2, a partial sum
+        // per vector lane (summed in order after the row: deterministic, and vectorizable).
+        const double w64 = kState ? t.block_weight64[at] : 0.0;
+        const double weight2 = w64 * w64;
+        alignas(64) double state_dot[acc_width] = {};
+        double* s2_row = kState ? t.sum_g2.data() + j * t.row_width : nullptr;
+        const double* o0_row = kState ? t.state_out[j] : nullptr;
         const scalar_t* q_out_row = t.out_of_q[j];  // o_{n+1} (loaded a token ago: cached)
         const scalar_t* g_row = t.grad_out[j] + n * steps.grad_out;
         const scalar_t* o_row = t.out[j] + n * steps.out;
@@ -264,6 +340,29 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
               v_dot_s = at::vec::fmadd(v[p] - o[p], updated, v_dot_s);
               dv[p] = e_vec * updated;
             }
+            if constexpr (kState) {
+              const int64_t first = d + p * acc_width;
+              const int64_t live = std::clamp<int64_t>(head_dim - first, 0, acc_width);
+              alignas(64) acc_t g_part[acc_width], v_part[acc_width];
+              g[p].store(g_part);
+              double* __restrict__ s2 = s2_row + first;
+              for (int64_t k = 0; k < acc_width; ++k) {
+                s2[k] += weight2 * static_cast<double>(g_part[k]);
+              }
+              if constexpr (kOutputs) {
+                v[p].store(v_part);
+                const double* __restrict__ o0 = o0_row + first;
+                if (live == acc_width) {  // a whole part: a fixed count the compiler vectorizes
+                  for (int64_t k = 0; k < acc_width; ++k) {  // o_0 - v_n exact in float64
+                    state_dot[k] += (o0[k] - static_cast<double>(v_part[k])) * s2[k];
+                  }
+                } else {
+                  for (int64_t k = 0; k < live; ++k) {
+                    state_dot[k] += (o0[k] - static_cast<double>(v_part[k])) * s2[k];
+                  }
+                }
+              }
+            }
           }
           if constexpr (kOutputs) {
             IO::store(dv_row + d, count, dv, streaming);
@@ -277,6 +376,13 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
         if constexpr (kOutputs) {
           t.grad_score[j][n * steps.grad_score] = static_cast<scalar_t>(
               score_gradient(e, static_cast<double>(sum_lanes(v_dot_s)), t.sum_q[j]));
+        }
+        if constexpr (kState && kOutputs) {
+          double dot = 0;
+          for (int64_t k = 0; k < acc_width; ++k) {
+            dot += state_dot[k];
+          }
+          t.sum_state[j] += state_term(t.block_score_weight64[at], dot, w64, G);
         }
       }
     }

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "aaren/combine.h"
@@ -203,14 +204,20 @@ void forward_typed(const ForwardArgs& args) {
 // 60 random mixed problems, by up to 5x; none now. The walk keeps instead
 // Q_i = o_i . S_i - P_i, whose steps are small where the outputs move little:
 //   Q_i = Q_{i+1} + (o_i - o_{i+1}) . S_{i+1} + e^(r - L_i) G_i,
-//   ds_i = e^(s_i - r) ((v_i - o_i) . S_i + Q_i),   dL_0 = f (Q_1 + (o_0 - o_1) . S_1),
-// with o_0 rounded as the outputs are: combine.h's "The backward's Q" (q_term, score_gradient,
-// state_lse_gradient, shift_product), whose arithmetic the CUDA backward shares in its gate
-// form.
+//   ds_i = e^(s_i - r) ((v_i - o_i) . S_i + Q_i):
+// combine.h's "The backward's Q" (q_term, score_gradient), whose arithmetic the CUDA backward
+// shares in its gate form.
 // The L_j are the forward's, saved: S and P are plain sums over the tokens after i, so a
 // chunk's sums from nothing after it (phase 1, P = o . S - Q in float64) add to its
 // successors' (phase 2), each moved to a common reference (combine.h, common_reference);
 // a chunk then starts from Q = o_last . S - P of that carry, in float64 (phase 3).
+//
+// The state's lse gradient. f (Q + (o_0 - o_1) . S) above reads the outputs, rounded to the
+// values' dtype, and where dL_0 is small by cancellation that rounding is its error (17x the
+// tests' rule on one float32 token). With a state the walk keeps instead S2 and Z of
+// combine.h's "The state's lse gradient", from the inputs, in float64: dL_0 = e^(L_0 - r) Z.
+// S2 is carried across chunks as S is (its factors squared); each chunk's Z gives its share
+// of dL_0, summed over the chunks in order.
 
 template <typename scalar_t>
 void backward_typed(const BackwardArgs& args) {
@@ -266,6 +273,12 @@ void backward_typed(const BackwardArgs& args) {
   const int64_t chunks = plan.chunks;
   const bool streaming = use_streaming_stores(args.grad_values.nbytes());
 
+  const auto state_out_row = [&](int64_t b, int64_t h) {
+    return state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
+  };
+  const auto state_lse_of = [&](int64_t b, int64_t h) {
+    return state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
+  };
   // Lane j = chunk c of sequence (b, h), positioned at its first token, its sums zero against
   // the reference r = L at its last token, with Q taken against that token's out.
   const auto place = [&](Scratch& t, int64_t j, int64_t b, int64_t c, int64_t h) {
@@ -284,6 +297,23 @@ void backward_typed(const BackwardArgs& args) {
     t.sum_q[j] = 0;
     std::fill_n(t.sum_g.data() + j * row_width, row_width, acc_t(0));
     t.out_of_q[j] = t.out[j] + (t.length[j] - 1) * steps.out;
+    if (has_state) {
+      if (t.sum_state.empty()) {
+        t.with_state();
+      }
+      t.sum_state[j] = 0;
+      std::fill_n(t.sum_g2.data() + j * row_width, row_width, 0.0);
+      t.state_out[j] = state_out_row(b, h);
+    }
+  };
+  // The walk, with the state's sums when there is a state.
+  const auto walk = [&](auto outputs, Scratch& t, int64_t lanes, bool streaming) {
+    constexpr bool kOutputs = decltype(outputs)::value;
+    if (has_state) {
+      backward_lanes<scalar_t, kOutputs, true>(t, lanes, head_dim, steps, streaming);
+    } else {
+      backward_lanes<scalar_t, kOutputs, false>(t, lanes, head_dim, steps, streaming);
+    }
   };
   // o . S in float64, o the out that lane j's Q is taken against.
   const auto out_dot_sum = [&](const Scratch& t, int64_t j, const double* sum_g) {
@@ -295,18 +325,19 @@ void backward_typed(const BackwardArgs& args) {
     return dot;
   };
 
-  // Phases 1 and 2: each chunk's carry (r, S, P), the sums over every token after it,
-  // [B, C, H] (S: [B, C, H, D]); r = -inf for none (the last chunk's).
-  std::vector<double> carry_reference, carry_g, carry_rho;
+  // Phases 1 and 2: each chunk's carry (r, S, P, and S2 with a state), the sums over every
+  // token after it, [B, C, H] (S, S2: [B, C, H, D]); r = -inf for none (the last chunk's).
+  std::vector<double> carry_reference, carry_g, carry_rho, carry_g2;
   if (chunks > 1) {
     const int64_t items = batch * chunks * heads;
     std::vector<double> summary_reference(items), summary_g(items * head_dim), summary_rho(items);
+    std::vector<double> summary_g2(has_state ? items * head_dim : 0);
     for_each_task<Scratch>(plan, batch, (chunks - 1) * heads, row_width,
                            [&](Scratch& t, int64_t b, int64_t lane_begin, int64_t lane_end) {
       for (int64_t l = lane_begin; l < lane_end; ++l) {  // chunks 1 .. C-1
         place(t, l - lane_begin, b, l / heads + 1, l % heads);
       }
-      backward_lanes<scalar_t, false>(t, lane_end - lane_begin, head_dim, steps, false);
+      walk(std::false_type{}, t, lane_end - lane_begin, false);
       for (int64_t l = lane_begin; l < lane_end; ++l) {
         const int64_t j = l - lane_begin;
         const int64_t index = b * chunks * heads + l + heads;
@@ -315,11 +346,15 @@ void backward_typed(const BackwardArgs& args) {
         double* summary_row = summary_g.data() + index * head_dim;
         std::copy_n(s_row, head_dim, summary_row);
         summary_rho[index] = out_dot_sum(t, j, summary_row) - t.sum_q[j];
+        if (has_state) {
+          std::copy_n(t.sum_g2.data() + j * row_width, head_dim, summary_g2.data() + index * head_dim);
+        }
       }
     });
     carry_reference.assign(items, negative_infinity<double>());
     carry_g.assign(items * head_dim, 0.0);
     carry_rho.assign(items, 0.0);
+    carry_g2.assign(has_state ? items * head_dim : 0, 0.0);
     at::parallel_for(0, batch * heads, 64, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / heads;
@@ -334,13 +369,23 @@ void backward_typed(const BackwardArgs& args) {
             carry_g[previous * head_dim + d] = f.factor_a * summary_g[index * head_dim + d] +
                 f.factor_b * carry_g[index * head_dim + d];
           }
+          if (has_state) {  // S2 holds e^(2 r): the factors squared
+            const double a2 = f.factor_a * f.factor_a;
+            const double b2 = f.factor_b * f.factor_b;
+            for (int64_t d = 0; d < head_dim; ++d) {
+              carry_g2[previous * head_dim + d] = a2 * summary_g2[index * head_dim + d] +
+                  b2 * carry_g2[index * head_dim + d];
+            }
+          }
         }
       }
     });
   }
 
   // Phase 3 (the whole backward when unsplit): every chunk from its carry, writing ds and dv;
-  // chunk 0 then holds the sums at the first token, for the state's gradients.
+  // chunk 0 then holds the sums at the first token, for the state's out gradient, and each
+  // chunk its share of the state's lse gradient, e^(L_0 - r) Z, [B, C, H].
+  std::vector<double> state_shares(has_state ? batch * chunks * heads : 0);
   for_each_task<Scratch>(plan, batch, chunks * heads, row_width,
                          [&](Scratch& t, int64_t b, int64_t lane_begin, int64_t lane_end) {
     for (int64_t l = lane_begin; l < lane_end; ++l) {
@@ -360,15 +405,26 @@ void backward_typed(const BackwardArgs& args) {
           rounded[d] = static_cast<double>(s_row[d]);
         }
         t.sum_q[j] = out_dot_sum(t, j, rounded.data()) - carry_rho[index];
+        if (has_state) {
+          std::copy_n(carry_g2.data() + index * head_dim, head_dim, t.sum_g2.data() + j * row_width);
+        }
       }
     }
-    backward_lanes<scalar_t, true>(t, lane_end - lane_begin, head_dim, steps, streaming);
+    walk(std::true_type{}, t, lane_end - lane_begin, streaming);
     if (streaming) {
       stream_fence();
     }
+    if (has_state) {
+      for (int64_t l = lane_begin; l < lane_end; ++l) {
+        const int64_t j = l - lane_begin;
+        state_shares[b * chunks * heads + l] =
+            exp_of_difference_wide<double>(state_lse_of(b, l % heads), t.reference[j]) *
+            t.sum_state[j];
+      }
+    }
 
-    // The initial state as a token before the first: do_0 = f R_1 = e^(L_0 - r) S and
-    // dL_0 = f (o_0 . S - P) = f (Q + (o_0 - o) . S), o the out Q is taken against.
+    // The initial state as a token before the first: do_0 = f R_1 = e^(L_0 - r) S (dL_0:
+    // below, from the chunks' shares).
     for (int64_t l = lane_begin; l < std::min(lane_end, heads); ++l) {  // chunk 0
       const int64_t j = l - lane_begin;
       const int64_t h = l;
@@ -379,21 +435,23 @@ void backward_typed(const BackwardArgs& args) {
         grad_state_lse[b * heads + h] = 0;
         continue;
       }
-      const double lse_0 = state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
-      const acc_t f = exp_of_difference_wide<acc_t>(lse_0, t.reference[j]);
+      const acc_t f = exp_of_difference_wide<acc_t>(state_lse_of(b, h), t.reference[j]);
       for (int64_t d = 0; d < head_dim; ++d) {
         do0_row[d] = static_cast<double>(f * s_row[d]);
       }
-      const double* o0_row = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
-      const scalar_t* q_out_row = t.out_of_q[j];
-      double shift_dot = 0;  // (o_0 - o) . S
-      for (int64_t d = 0; d < head_dim; ++d) {
-        shift_dot += shift_product<scalar_t, acc_t>(o0_row[d], static_cast<acc_t>(q_out_row[d]),
-                                                    s_row[d]);
-      }
-      grad_state_lse[b * heads + h] = state_lse_gradient(f, t.sum_q[j], shift_dot);
     }
   });
+  if (has_state) {  // dL_0: the chunks' shares, in order (deterministic)
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        double sum = 0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          sum += state_shares[(b * chunks + c) * heads + h];
+        }
+        grad_state_lse[b * heads + h] = sum;
+      }
+    }
+  }
 }
 
 }  // namespace

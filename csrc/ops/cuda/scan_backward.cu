@@ -3,8 +3,8 @@
 //   R_i = g_i + a_i R_{i+1},   a_i = e^(L_i - L_{i+1}) from the saved lse,
 //   Q_i = a_i Q_{i+1} + q_term,   q_term = a_i (o_i - o_{i+1}) . R_{i+1} + G_i,
 //   dv_i = e^(s_i - L_i) R_i,   ds_i = e^(s_i - L_i) ((v_i - o_i) . R_i + Q_i),
-// and for the initial state, a token before the first: dL_0 = f (Q_1 + (o_0 - o_1) . R_1),
-// do_0 = f R_1, f = e^(L_0 - L_1). Q = o . R - rho, rho the design page's sum: formed as
+// and for the initial state, a token before the first: do_0 = f R_1, f = e^(L_0 - L_1) (its
+// lse gradient: scan_cuda.cpp, from the inputs). Q = o . R - rho, rho the design page's sum: formed as
 // v_i . R_i - rho_i, d/d scores cancelled two sums growing as sqrt(N) wherever one token
 // dominates the outputs after it (in float32, up to 10x the CPU kernel's largest error in the
 // emulation's test of such problems). Q is float64, as the CPU's: a scalar per token. The
@@ -60,7 +60,6 @@ struct BackwardParams {
   Strided<const T> scores;         // [B, N, H]
   Strided<const T> values;         // [B, N, H, D]
   Strided<const double> state_lse;   // [B, H], data == nullptr: empty state
-  Strided<const state_t> state_out;  // [B, H, D]
   double* grad_state_lse;            // [B, H] contiguous
   state_t* grad_state_out;           // [B, H, D] contiguous, any alignment (per element)
   // Summary levels: each chunk's Q^c (the G of the level's Q recurrence), [B, N, H].
@@ -395,9 +394,9 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
       return;  // block-uniform
     }
     // The initial state as a token before the first: f = e^(L_0 - L_1) (0 for the empty
-    // state), do_0 = f R_1 and dL_0 = f (Q_1 + (o_0 - o_1) . R_1), with R, Q and
-    // out_next now at token 0.
-    // A sequence of no tokens (packed only): nothing depends on its state.
+    // state), do_0 = f R_1, with R now at token 0. Its lse gradient is not taken here
+    // (scan_cuda.cpp, "The state's lse gradient": from the inputs, in float64); without a
+    // state it is 0. A sequence of no tokens (packed only): nothing depends on its state.
     const bool has_state = p.state_lse.data != nullptr && span.length > 0;  // block-uniform
     const acc_t f = has_state ? exp_of_difference_wide<acc_t>(*p.state_lse.row(b, h), lse_row[0])
                               : acc_t(0);
@@ -412,40 +411,8 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, 2)
         grad_row[k] = static_cast<state_t>(f * R[s][k]);
       }
     }
-    if (!has_state) {
-      if (warp == 0 && lane == 0) {
-        p.grad_state_lse[b * shape.heads + h] = 0;
-      }
-      return;
-    }
-    double shift[1] = {0};  // (o_0 - o_1) . R_1: this lane's features, then the warp's
-    const state_t* state_row = p.state_out.row(b, h);  // any alignment: per element
-#pragma unroll
-    for (int s = 0; s < SLOTS; ++s) {
-      if (active[s]) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          shift[0] += shift_product<T, acc_t>(state_row[d[s] + k], out_next[s][k], R[s][k]);
-        }
-      }
-    }
-    double shift_dot = group_token_sums(shift, lane);
-    if (warps > 1) {
-      // The buffer the last tile did not write: warp 0 read it before that tile's barrier.
-      double* const sums = reinterpret_cast<double*>(partials + buffer * 2 * warps * kWarpSize);
-      if (lane == 0) {
-        sums[warp] = shift_dot;
-      }
-      __syncthreads();
-      if (warp == 0) {
-        shift_dot = 0;
-        for (int w = 0; w < warps; ++w) {
-          shift_dot += sums[w];
-        }
-      }
-    }
-    if (warp == 0 && lane == 0) {
-      p.grad_state_lse[b * shape.heads + h] = state_lse_gradient(f, q, shift_dot);
+    if (!has_state && warp == 0 && lane == 0) {
+      p.grad_state_lse[b * shape.heads + h] = 0;
     }
   }
 }
@@ -461,8 +428,7 @@ struct BackwardGeometry {
   int threads() const {
     return warps * kWarpSize;
   }
-  // Token sums exchanged between warps: 2 buffers x 2 sums x warps x 32 (and, at the end,
-  // the state's dot product, one float64 per warp).
+  // Token sums exchanged between warps: 2 buffers x 2 sums x warps x 32.
   template <typename acc_t>
   size_t shared_bytes() const {
     return warps > 1 ? 4 * kWarpSize * warps * sizeof(acc_t) : 0;
@@ -613,7 +579,6 @@ void backward_typed(const BackwardArgs& args) {
   p.out = contiguous<const scalar_t>(args.out.const_data_ptr<scalar_t>(), N, H, D);
   if (args.state_lse.has_value()) {
     p.state_lse = state_view(args.state_lse->const_data_ptr<double>(), *args.state_lse);
-    p.state_out = state_view(args.state_out->const_data_ptr<state_t>(), *args.state_out);
   }
   p.grad_state_lse = args.grad_state_lse.mutable_data_ptr<double>();
   p.grad_state_out = args.grad_state_out.mutable_data_ptr<state_t>();
@@ -651,7 +616,6 @@ void varlen_backward_typed(const VarlenBackwardArgs& args, int64_t longest) {
   p.out = packed_view(args.out.const_data_ptr<scalar_t>(), args.out);
   if (args.state_lse.has_value()) {
     p.state_lse = state_view(args.state_lse->const_data_ptr<double>(), *args.state_lse);
-    p.state_out = state_view(args.state_out->const_data_ptr<state_t>(), *args.state_out);
   }
   p.grad_state_lse = args.grad_state_lse.mutable_data_ptr<double>();
   p.grad_state_out = args.grad_state_out.mutable_data_ptr<state_t>();
