@@ -11,6 +11,9 @@
 #   tslib   no-attention beside the TSLib tables of docs/results.md, at their settings
 #           (1 epoch, d_model 64): ETTh1 at 96/192/336/720 and exchange_rate at 96/336,
 #           seeds 0 1 2 (the Aaren and Transformer records are in ../tslib/)
+#   tslib_long  the same beside ETTm1 and weather (four times ETTh1's windows): no-attention at
+#           96 and 336, seeds 0 1 2; Aaren and the Transformer at 336, seeds 1 2 (their seed 0
+#           and their 96 seeds 0-2 are in ../tslib/), written there as *_336_seeds12.json
 #   uea     no-attention beside the UEA table: JapaneseVowels and Handwriting, seeds 0-4,
 #           TSLib's classification recipe and sizes (as ../tslib/uea_*.json)
 #   sktime  no-attention beside the sktime tables (examples/classify_timeseries.py:
@@ -36,6 +39,16 @@ stage_tslib() {
       --models no-attention --seeds 0 1 2 --epochs 1 $FC --json $OUT/tslib_exchange_rate_$H.json
   done
 }
+stage_tslib_long() {
+  for name in ETTm1 weather; do
+    for H in 96 336; do
+      python examples/forecast.py --data-path "$DATA/forecasting/$name.csv.gz" --horizon $H \
+        --models no-attention --seeds 0 1 2 --epochs 1 $FC --json $OUT/tslib_${name}_$H.json
+    done
+    python examples/forecast.py --data-path "$DATA/forecasting/$name.csv.gz" --horizon 336 \
+      --seeds 1 2 --epochs 1 $FC --json benchmarks/results/tslib/${name}_336_seeds12.json
+  done
+}
 stage_uea() {
   python examples/classify_uea.py --data-dir "$DATA" --datasets JapaneseVowels Handwriting \
     --models no-attention --seeds 0 1 2 3 4 --json $OUT/uea_no_attention.json
@@ -45,7 +58,7 @@ stage_sktime() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(last tslib uea sktime)
+[ ${#stages[@]} -gt 0 ] || stages=(last tslib tslib_long uea sktime)
 for s in "${stages[@]}"; do
   echo "== stage $s ($(date -u +%H:%M:%S) UTC)"
   "stage_$s"

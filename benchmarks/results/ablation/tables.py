@@ -102,6 +102,8 @@ def main():
     print(forecasting(records(os.path.join(HERE, "ETTh1_96_last.json"),
                               os.path.join(HERE, "tslib_*.json"),
                               os.path.join(TSLIB, "ETTh1_*.json"),
+                              os.path.join(TSLIB, "ETTm1_*.json"),
+                              os.path.join(TSLIB, "weather_*.json"),
                               os.path.join(TSLIB, "exchange_rate_*.json"))))
     print()
     print(classification(records(os.path.join(TSLIB, "uea_*.json"),
