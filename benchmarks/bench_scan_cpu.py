@@ -297,6 +297,8 @@ def main():
     print("unsplit kernels) in each round; a ratio is the median over rounds of that ratio within a round;")
     print("'scan() ms' allocates its output (alloc+touch shown apart); the copy is Tensor.copy_, while")
     print("the kernels write outputs of 1 MiB per thread or more with streaming stores;")
+    print("'bwd after a state / bwd': the same backward after a float64 state, taking turns with the one")
+    print("without (a state adds its lse gradient, taken from the inputs in float64);")
     print("the allocating call, alloc+touch and the baselines are each timed on their own, one after another;")
     print("speedups compare aaren.scan through autograd with the baselines through autograd.\n")
     rows = []

@@ -57,8 +57,17 @@ stage_sktime() {
   python examples/classify_timeseries.py --models no-attention --json $OUT/sktime_no_attention.json
 }
 
+ALL=(last tslib tslib_long uea sktime)
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(last tslib tslib_long uea sktime)
+[ ${#stages[@]} -gt 0 ] || stages=("${ALL[@]}")
+for s in "${stages[@]}"; do  # every name checked before the first (long) stage runs
+  case " ${ALL[*]} " in
+    *" $s "*) ;;
+    *) echo "usage: $0 [STAGE ...], stages (default: all, in this order): ${ALL[*]}" >&2
+       [ "$s" = "-h" ] || [ "$s" = "--help" ] && exit 0
+       echo "unknown stage: $s" >&2; exit 2 ;;
+  esac
+done
 for s in "${stages[@]}"; do
   echo "== stage $s ($(date -u +%H:%M:%S) UTC)"
   "stage_$s"
