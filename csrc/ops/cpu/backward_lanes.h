@@ -21,6 +21,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -69,8 +70,9 @@ struct BackwardScratch {
   // multiplied by before each token's term (1 but where r is lowered), and its w and e. Two
   // slots, [2, lanes, kBlock]: the walk reads one while the next block is prepared in the other.
   std::vector<acc_t> block_factor, block_weight, block_score_weight;
-  // With a state, the same three in float64 for the state's sums (with_state).
-  std::vector<double> block_factor64, block_weight64, block_score_weight64;
+  // With a state, the same in float64 for the state's sums (with_state); the factor as its
+  // log, 0 but where r is lowered (rarely: its exp is taken then, in the walk).
+  std::vector<double> block_log_factor64, block_weight64, block_score_weight64;
   int64_t lanes;
   int64_t row_width;
 
@@ -86,7 +88,7 @@ struct BackwardScratch {
     sum_g2.assign(lanes * row_width, 0.0);
     sum_state.assign(lanes, 0.0);
     state_out.assign(lanes, nullptr);
-    block_factor64.assign(2 * lanes * kBlock, 1.0);
+    block_log_factor64.assign(2 * lanes * kBlock, 0.0);
     block_weight64.assign(2 * lanes * kBlock, 0.0);
     block_score_weight64.assign(2 * lanes * kBlock, 0.0);
   }
@@ -111,37 +113,35 @@ void exp_of_split_differences(const acc_t* hi, const acc_t* lo, acc_t* result) {
   (e * (AccVec(acc_t(1)) + AccVec::loadu(lo))).store(result);
 }
 
-// The float64 factor, w = e^(r - L) and e = e^(s - r) of a block for the state's sums, from
-// the block's lse, scores and reference at each token (r before the block: first_reference);
-// tokens past `own` and masked ones (L = -inf) get w = e = 0 and factor 1.
+// The float64 log factor, w = e^(r - L) and e = e^(s - r) of a block for the state's sums,
+// from the block's lse, scores and reference at each token (r before the block:
+// first_reference); tokens past `own` and masked ones (L = -inf) get w = e = 0 and factor 1.
 template <bool kOutputs, int64_t block>
 void prepare_state_block(const double* lse, const double* score, const double* reference,
-                         int64_t own, double first_reference, double* factor, double* weight,
+                         int64_t own, double first_reference, double* log_factor, double* weight,
                          double* score_weight) {
   using DoubleVec = Vectorized<double>;
   static_assert(block % DoubleVec::size() == 0);
-  alignas(64) double weight_arg[block], score_arg[block], factor_arg[block];
+  alignas(64) double weight_arg[block], score_arg[block];
+  bool live[block];
   double previous = first_reference;
   for (int64_t k = 0; k < block; ++k) {
-    const bool live = k < own && lse[k] != negative_infinity<double>();
-    weight_arg[k] = live ? reference[k] - lse[k] : 0.0;
-    score_arg[k] = live ? score[k] - reference[k] : 0.0;
-    factor_arg[k] = live && reference[k] != previous ? reference[k] - previous : 0.0;
+    live[k] = k < own && lse[k] != negative_infinity<double>();
+    weight_arg[k] = live[k] ? reference[k] - lse[k] : 0.0;
+    score_arg[k] = live[k] ? score[k] - reference[k] : 0.0;
+    log_factor[k] = live[k] ? reference[k] - previous : 0.0;
     previous = reference[k];
   }
   for (int64_t k = 0; k < block; k += DoubleVec::size()) {
     DoubleVec::loadu(weight_arg + k).exp().store(weight + k);
-    DoubleVec::loadu(factor_arg + k).exp().store(factor + k);
     if constexpr (kOutputs) {
       DoubleVec::loadu(score_arg + k).exp().store(score_weight + k);
     }
   }
   for (int64_t k = 0; k < block; ++k) {
-    const bool live = k < own && lse[k] != negative_infinity<double>();
-    if (!live) {
+    if (!live[k]) {
       weight[k] = 0.0;
       score_weight[k] = 0.0;
-      factor[k] = 1.0;
     }
   }
 }
@@ -232,7 +232,7 @@ void prepare_block(BackwardScratch<scalar_t>& t, int64_t slot, int64_t j, int64_
   }
   if constexpr (kState) {
     prepare_state_block<kOutputs, block>(lse_block, score_block, reference_block, own,
-                                         first_reference, t.block_factor64.data() + offset,
+                                         first_reference, t.block_log_factor64.data() + offset,
                                          t.block_weight64.data() + offset,
                                          t.block_score_weight64.data() + offset);
   }
@@ -290,7 +290,7 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
           std::for_each(s_row, s_row + t.row_width, [factor](acc_t& x) { x *= factor; });
           t.sum_q[j] *= factor;
           if constexpr (kState) {  // S2 holds e^(2 r), Z e^r (combine.h, "The state's lse gradient")
-            const double factor64 = t.block_factor64[at];
+            const double factor64 = std::exp(t.block_log_factor64[at]);
             const double factor2 = factor64 * factor64;
             double* s2_row = t.sum_g2.data() + j * t.row_width;
             std::for_each(s2_row, s2_row + t.row_width, [factor2](double& x) { x *= factor2; });
@@ -342,7 +342,6 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
             }
             if constexpr (kState) {
               const int64_t first = d + p * acc_width;
-              const int64_t live = std::clamp<int64_t>(head_dim - first, 0, acc_width);
               alignas(64) acc_t g_part[acc_width], v_part[acc_width];
               g[p].store(g_part);
               double* __restrict__ s2 = s2_row + first;
@@ -352,6 +351,7 @@ void backward_lanes(BackwardScratch<scalar_t>& t, int64_t lanes, int64_t head_di
               if constexpr (kOutputs) {
                 v[p].store(v_part);
                 const double* __restrict__ o0 = o0_row + first;
+                const int64_t live = std::clamp<int64_t>(head_dim - first, 0, acc_width);
                 if (live == acc_width) {  // a whole part: a fixed count the compiler vectorizes
                   for (int64_t k = 0; k < acc_width; ++k) {  // o_0 - v_n exact in float64
                     state_dot[k] += (o0[k] - static_cast<double>(v_part[k])) * s2[k];

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -33,6 +34,14 @@ int64_t padded(int64_t head_dim, int64_t width) {
   return (head_dim + width - 1) / width * width;
 }
 
+// The state's row of sequence (b, h): its lse (one value) or its out (D values), float64;
+// nullptr without a state.
+const double* state_row(const std::optional<at::Tensor>& state, int64_t b, int64_t h) {
+  return state.has_value()
+      ? state->const_data_ptr<double>() + b * state->stride(0) + h * state->stride(1)
+      : nullptr;
+}
+
 // One token after a state (a step, or a chunk of one token), in float64 whatever the values'
 // dtype: aaren/walk.h's step_token, shared with the ExecuTorch kernels.
 template <typename scalar_t>
@@ -42,8 +51,6 @@ void step_in_float64(const ForwardArgs& args) {
   const int64_t head_dim = args.values.size(3);
   const scalar_t* scores = args.scores.const_data_ptr<scalar_t>();
   const scalar_t* values = args.values.const_data_ptr<scalar_t>();
-  const double* state_lse = args.state_lse->const_data_ptr<double>();
-  const double* state_out = args.state_out->const_data_ptr<double>();
   scalar_t* out = args.out.mutable_data_ptr<scalar_t>();
   double* lse = args.lse.mutable_data_ptr<double>();
   double* final_out = args.final_out.mutable_data_ptr<double>();
@@ -54,9 +61,8 @@ void step_in_float64(const ForwardArgs& args) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / heads;
       const int64_t h = item % heads;
-      const double* o0 = state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
       lse[b * heads + h] = step_token(
-          state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)], o0,
+          *state_row(args.state_lse, b, h), state_row(args.state_out, b, h),
           scores[b * s_strides[0] + h * s_strides[2]], values + b * v_strides[0] + h * v_strides[2],
           head_dim, out + item * head_dim, final_out + item * head_dim);
     }
@@ -93,16 +99,6 @@ void forward_typed(const ForwardArgs& args) {
   const ForwardSteps steps{s_strides[1], v_strides[1], heads * head_dim, heads};
 
   const bool has_state = args.state_lse.has_value();
-  const auto state_lse_at = [&](int64_t b, int64_t h) -> const double* {
-    return has_state ? args.state_lse->const_data_ptr<double>() + b * args.state_lse->stride(0) +
-            h * args.state_lse->stride(1)
-                     : nullptr;
-  };
-  const auto state_out_at = [&](int64_t b, int64_t h) -> const double* {
-    return has_state ? args.state_out->const_data_ptr<double>() + b * args.state_out->stride(0) +
-            h * args.state_out->stride(1)
-                     : nullptr;
-  };
 
   const Plan plan = plan_work(batch, length, heads, head_dim);
   const int64_t chunks = plan.chunks;
@@ -142,9 +138,9 @@ void forward_typed(const ForwardArgs& args) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / heads;
         const int64_t h = item % heads;
-        double running_lse = has_state ? *state_lse_at(b, h) : negative_infinity<double>();
+        double running_lse = has_state ? *state_row(args.state_lse, b, h) : negative_infinity<double>();
         if (has_state) {
-          std::copy_n(state_out_at(b, h), head_dim, running.begin());
+          std::copy_n(state_row(args.state_out, b, h), head_dim, running.begin());
         } else {
           std::fill(running.begin(), running.end(), 0.0);
         }
@@ -176,7 +172,7 @@ void forward_typed(const ForwardArgs& args) {
       const int64_t h = l % heads;
       place(t, j, b, c, h);
       if (c == 0) {
-        t.enter(j, head_dim, state_lse_at(b, h), state_out_at(b, h));
+        t.enter(j, head_dim, state_row(args.state_lse, b, h), state_row(args.state_out, b, h));
       } else {
         const int64_t index = (b * chunks + c) * heads + h;
         t.enter(j, head_dim, &carry_lse[index], carry_out.data() + index * head_dim);
@@ -253,8 +249,6 @@ void backward_typed(const BackwardArgs& args) {
   const int64_t G_stride_h = has_grad_lse ? args.grad_lse->stride(2) : 0;
 
   const bool has_state = args.state_lse.has_value();
-  const double* state_lse = has_state ? args.state_lse->const_data_ptr<double>() : nullptr;
-  const double* state_out = has_state ? args.state_out->const_data_ptr<double>() : nullptr;
 
   scalar_t* grad_scores = args.grad_scores.mutable_data_ptr<scalar_t>();
   scalar_t* grad_values = args.grad_values.mutable_data_ptr<scalar_t>();
@@ -273,12 +267,6 @@ void backward_typed(const BackwardArgs& args) {
   const int64_t chunks = plan.chunks;
   const bool streaming = use_streaming_stores(args.grad_values.nbytes());
 
-  const auto state_out_row = [&](int64_t b, int64_t h) {
-    return state_out + b * args.state_out->stride(0) + h * args.state_out->stride(1);
-  };
-  const auto state_lse_of = [&](int64_t b, int64_t h) {
-    return state_lse[b * args.state_lse->stride(0) + h * args.state_lse->stride(1)];
-  };
   // Lane j = chunk c of sequence (b, h), positioned at its first token, its sums zero against
   // the reference r = L at its last token, with Q taken against that token's out.
   const auto place = [&](Scratch& t, int64_t j, int64_t b, int64_t c, int64_t h) {
@@ -303,7 +291,7 @@ void backward_typed(const BackwardArgs& args) {
       }
       t.sum_state[j] = 0;
       std::fill_n(t.sum_g2.data() + j * row_width, row_width, 0.0);
-      t.state_out[j] = state_out_row(b, h);
+      t.state_out[j] = state_row(args.state_out, b, h);
     }
   };
   // The walk, with the state's sums when there is a state.
@@ -418,7 +406,7 @@ void backward_typed(const BackwardArgs& args) {
       for (int64_t l = lane_begin; l < lane_end; ++l) {
         const int64_t j = l - lane_begin;
         state_shares[b * chunks * heads + l] =
-            exp_of_difference_wide<double>(state_lse_of(b, l % heads), t.reference[j]) *
+            exp_of_difference_wide<double>(*state_row(args.state_lse, b, l % heads), t.reference[j]) *
             t.sum_state[j];
       }
     }
@@ -435,7 +423,7 @@ void backward_typed(const BackwardArgs& args) {
         grad_state_lse[b * heads + h] = 0;
         continue;
       }
-      const acc_t f = exp_of_difference_wide<acc_t>(state_lse_of(b, h), t.reference[j]);
+      const acc_t f = exp_of_difference_wide<acc_t>(*state_row(args.state_lse, b, h), t.reference[j]);
       for (int64_t d = 0; d < head_dim; ++d) {
         do0_row[d] = static_cast<double>(f * s_row[d]);
       }

@@ -77,14 +77,15 @@ void dense_state_lse_gradient(const BackwardArgs& args) {
   const at::Tensor out_0 = args.state_out->to(at::kDouble).unsqueeze(1);  // [B, 1, H, D]
   at::Tensor carry_lse = *args.state_lse;
   at::Tensor carry_out = *args.state_out;
-  at::Tensor total = at::zeros({B, H}, values.options().dtype(at::kDouble));
+  const at::TensorOptions wide_options = values.options().dtype(at::kDouble);
+  at::Tensor total = at::zeros({B, H}, wide_options);
   for (int64_t begin = 0; begin < N; begin += slice) {
     const int64_t end = std::min(N, begin + slice);
     const ForwardArgs wide{args.scores.slice(1, begin, end).to(at::kDouble),
                            values.slice(1, begin, end).to(at::kDouble), carry_lse, carry_out,
-                           at::empty({B, end - begin, H, D}, values.options().dtype(at::kDouble)),
-                           at::empty({B, end - begin, H}, values.options().dtype(at::kDouble)),
-                           at::empty({B, H, D}, values.options().dtype(at::kDouble))};
+                           at::empty({B, end - begin, H, D}, wide_options),
+                           at::empty({B, end - begin, H}, wide_options),
+                           at::empty({B, H, D}, wide_options)};
     if (D > 0) {  // without features only the G terms remain: no forward to run
       dispatch_forward(wide);
     }
